@@ -1,0 +1,33 @@
+"""tip-verl: token-importance on-policy distillation mixed with GRPO, as a verl plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tip-verl",
+    version="0.1.0",
+    description="Token-importance on-policy distillation (TIP) mixed with GRPO, as a verl 0.9.1 plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tip_verl", "tip_verl.*"]),
+    include_package_data=True,
+    package_data={"tip_verl": ["assets/*", "assets/**/*", "config/*.yaml"]},
+    install_requires=[
+        # CPU build on machines without CUDA; on a GPU cluster install the CUDA build of the same version first.
+        "torch==2.13.0",
+        "verl[verl-core]==0.9.1",
+        "transformers>=4.56,<5.11",
+        "ray>=2.47",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pandas>=2",
+        "pyarrow>=15",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    entry_points={
+        # verl imports every `verl.plugins` entry point in every process that imports verl (Ray workers too).
+        "verl.plugins": ["tip_verl = tip_verl.verl_ext.plugin"],
+        "console_scripts": ["tip-verl = tip_verl.cli:main"],
+    },
+)

@@ -1,0 +1,200 @@
+"""Selected-token LM head vs. the full-vocabulary computation masked to the same tokens."""
+
+import pytest
+import torch
+
+from tip_verl.core.selected_logits import scatter_selected, selected_token_logprobs
+
+transformers = pytest.importorskip("transformers")
+
+V, H = 97, 32
+B, T = 3, 11
+
+
+def _tiny_llama(tie=False, dtype=torch.float64):
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _batch(ratio, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T + 1), generator=g)
+    selected = torch.rand(B, T, generator=g) < ratio
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    ent_coef = torch.randn(B, T, generator=g, dtype=torch.float64)
+    return ids[:, :-1], ids[:, 1:], selected, adv, ent_coef
+
+
+def _naive(hidden, weight, bias, targets, selected, temperature=1.0):
+    """Reference: logits for every token, log_softmax, gather, mask."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits / temperature
+    logq = torch.log_softmax(logits, dim=-1)
+    logp = logq.gather(-1, targets[..., None]).squeeze(-1)
+    ent = -(logq.exp() * logq).sum(-1)
+    m = selected.to(logp.dtype)
+    return logp * m, ent * m
+
+
+def _loss(logp_bt, ent_bt, adv, ent_coef):
+    return -(adv * logp_bt).sum() + (ent_coef * ent_bt).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4096])
+@pytest.mark.parametrize("tie", [False, True])
+def test_matches_full_computation_through_llama(chunk_size, tie):
+    model = _tiny_llama(tie=tie)
+    inp, targets, selected, adv, ent_coef = _batch(0.4)
+    assert 0 < int(selected.sum()) < selected.numel()
+
+    def run(route):
+        model.zero_grad(set_to_none=True)
+        hidden = model.model(input_ids=inp).last_hidden_state  # (B, T, H), after the final norm
+        hidden.retain_grad()
+        w = model.lm_head.weight
+        if route == "naive":
+            logp_bt, ent_bt = _naive(hidden, w, None, targets, selected)
+        else:
+            logp, ent = selected_token_logprobs(
+                hidden, w, selected, targets, chunk_size=chunk_size, return_entropy=True
+            )
+            logp_bt, ent_bt = scatter_selected(logp, selected), scatter_selected(ent, selected)
+        _loss(logp_bt, ent_bt, adv, ent_coef).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logp_bt.detach(), ent_bt.detach(), hidden.grad.clone(), grads
+
+    ref = run("naive")
+    got = run("selected")
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-9, atol=1e-10)
+    # with tied embeddings the head weight is listed once, as the embedding
+    head = "model.embed_tokens.weight" if tie else "lm_head.weight"
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    assert got[3].keys() == ref[3].keys() and head in ref[3]
+    for name in ref[3]:
+        torch.testing.assert_close(got[3][name], ref[3][name], rtol=1e-9, atol=1e-10, msg=name)
+    # unselected positions get no gradient at all
+    assert torch.all(got[2][~selected] == 0)
+
+
+def test_bias_temperature_and_float32():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    selected = torch.rand(2, 9, generator=g) < 0.5
+    adv = torch.randn(2, 9, generator=g)
+
+    def grads(route):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        if route == "naive":
+            logp_bt, ent_bt = _naive(hidden, weight, bias, targets, selected, temperature=0.7)
+        else:
+            logp, ent = selected_token_logprobs(
+                hidden, weight, selected, targets, bias=bias, chunk_size=2, temperature=0.7, return_entropy=True
+            )
+            logp_bt, ent_bt = scatter_selected(logp, selected), scatter_selected(ent, selected)
+        (-(adv * logp_bt).sum() - 0.3 * ent_bt.sum()).backward()
+        return logp_bt.detach(), ent_bt.detach(), hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()
+
+    for r, s in zip(grads("naive"), grads("selected")):
+        torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-5)
+
+
+def test_logprob_only_and_bf16_head_in_float32_statistics():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 20, 16, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, generator=g).bfloat16().requires_grad_()
+    targets = torch.randint(0, 40, (1, 20), generator=g)
+    selected = torch.ones(1, 20, dtype=torch.bool)
+    logp, ent = selected_token_logprobs(hidden, weight, selected, targets, chunk_size=7)
+    assert ent is None and logp.dtype == torch.float32 and logp.shape == (20,)
+    ref = torch.log_softmax((hidden.float() @ weight.float().t()), -1).gather(-1, targets[..., None]).reshape(-1)
+    torch.testing.assert_close(logp, ref, rtol=2e-2, atol=5e-2)
+    logp.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(weight.grad.float()).all()
+
+
+def test_chunk_larger_than_count_and_all_selected_equal_one_chunk():
+    model = _tiny_llama()
+    inp, targets, _, _, _ = _batch(1.0)
+    hidden = model.model(input_ids=inp).last_hidden_state.detach()
+    sel = torch.ones(B, T, dtype=torch.bool)
+    a, _ = selected_token_logprobs(hidden, model.lm_head.weight, sel, targets, chunk_size=1)
+    b, _ = selected_token_logprobs(hidden, model.lm_head.weight, sel, targets, chunk_size=10**6)
+    ref = torch.log_softmax(model(input_ids=inp).logits, -1).gather(-1, targets[..., None]).reshape(-1)
+    torch.testing.assert_close(a, ref)
+    torch.testing.assert_close(b, ref)
+
+
+def test_zero_selected_returns_empty_and_backward_gives_zero_grads():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 5))
+    selected = torch.zeros(2, 5, dtype=torch.bool)
+    logp, ent = selected_token_logprobs(hidden, weight, selected, targets, chunk_size=4, return_entropy=True)
+    assert logp.shape == (0,) and ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+    assert scatter_selected(logp, selected).shape == (2, 5)
+
+
+def test_packed_leading_shape_and_scatter_fill():
+    hidden = torch.randn(12, 8, dtype=torch.float64)
+    weight = torch.randn(10, 8, dtype=torch.float64)
+    targets = torch.randint(0, 10, (12,))
+    selected = torch.arange(12) % 3 == 0
+    logp, _ = selected_token_logprobs(hidden, weight, selected, targets, chunk_size=3)
+    ref = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    out = scatter_selected(logp, selected, fill=float("nan"))
+    torch.testing.assert_close(out[selected], ref[selected])
+    assert torch.isnan(out[~selected]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_size=0), "chunk_size must be an int >= 1"),
+        (dict(chunk_size=2.5), "chunk_size must be an int >= 1"),
+        (dict(temperature=0.0), "temperature must be"),
+        (dict(weight=torch.randn(13, 7)), r"weight must be the LM head weight of shape \(V, H\)"),
+        (dict(bias=torch.randn(12)), r"bias must have shape \(V,\)"),
+        (dict(selected=torch.ones(2, 4, dtype=torch.bool)), r"selected must have shape \(2, 5\)"),
+        (dict(selected=torch.ones(2, 5)), "selected must be a bool mask"),
+        (dict(targets=torch.zeros(2, 6, dtype=torch.long)), r"targets must have shape \(2, 5\)"),
+        (dict(targets=torch.zeros(2, 5)), "targets must hold integer token ids"),
+        (dict(targets=torch.full((2, 5), 13)), r"must lie in \[0, V\) with V = 13"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(kwargs, match):
+    args = dict(
+        hidden=torch.randn(2, 5, 8),
+        weight=torch.randn(13, 8),
+        selected=torch.ones(2, 5, dtype=torch.bool),
+        targets=torch.zeros(2, 5, dtype=torch.long),
+        chunk_size=2,
+    )
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        selected_token_logprobs(**args)
+
+
+def test_scatter_rejects_count_mismatch():
+    with pytest.raises(ValueError, match="must match"):
+        scatter_selected(torch.zeros(3), torch.ones(2, 2, dtype=torch.bool))

@@ -1,0 +1,1 @@
+"""Pure tensor functions of TIP: token scores, selection rules, hybrid advantages. No verl import here."""

@@ -1,0 +1,109 @@
+"""Typed settings of TIP, read from `algorithm.tip` (a DictConfig or a plain dict)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+SELECTION_RULE_NAMES = ("all", "random", "entropy", "entropy_sample", "divergence", "soft_or", "q3")
+DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
+MIX_NAMES = ("replace", "add", "teacher_only")
+
+
+@dataclass(frozen=True)
+class TipConfig:
+    """Settings of token-importance selection and of the hybrid OPD + GRPO advantage.
+
+    rule: which tokens get the teacher signal (see `tip_verl.core.selection`).
+    ratio: fraction of each rollout's response tokens selected, in (0, 1]; at least one token per rollout.
+    divergence: per-token estimate of KL(student || teacher) from sampled-token log-probs: k1, abs_k1 or k3.
+    coef: weight of the teacher reward r_t = log pT(y_t) - log pS_old(y_t).
+    mix: replace (selected tokens: coef * r_t; others: GRPO), add (GRPO everywhere + coef * r_t on selected),
+        teacher_only (selected tokens: coef * r_t; others: 0, i.e. pure OPD on the selected tokens).
+    seed: seed of the random and entropy_sample rules.
+    entropy_quantile: entropy is clipped at this batch quantile before min-max normalisation (Soft-OR).
+    quadrant_quantile: batch quantile that splits "high" from "low" on each axis for the Q1..Q4 labels,
+        unless an absolute threshold below is set. The median (0.5) is the default: the paper gives no
+        threshold, and a median split reproduces its reported shares (Q4 40-47%, Q3 3-15%) when entropy and
+        divergence are positively correlated, whatever the vocabulary size or model scale.
+    entropy_threshold / divergence_threshold: absolute thresholds in nats (entropy as verl reports it,
+        divergence as the chosen estimate); null means "use quadrant_quantile".
+    """
+
+    rule: str = "soft_or"
+    ratio: float = 0.5
+    divergence: str = "k3"
+    coef: float = 1.0
+    mix: str = "replace"
+    seed: int = 0
+    entropy_quantile: float = 0.98
+    quadrant_quantile: float = 0.5
+    entropy_threshold: Optional[float] = None
+    divergence_threshold: Optional[float] = None
+
+    def __post_init__(self):
+        _check_choice("rule", self.rule, SELECTION_RULE_NAMES)
+        _check_choice("divergence", self.divergence, DIVERGENCE_NAMES)
+        _check_choice("mix", self.mix, MIX_NAMES)
+        _check_fraction("ratio", self.ratio, "the share of each rollout's tokens that gets the teacher signal")
+        _check_fraction("entropy_quantile", self.entropy_quantile, "the batch quantile entropy is clipped at")
+        _check_fraction("quadrant_quantile", self.quadrant_quantile, "the batch quantile splitting high/low")
+        for name in ("entropy_threshold", "divergence_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < math.inf):
+                raise ValueError(
+                    f"algorithm.tip.{name}={value!r}: must be null (use quadrant_quantile) "
+                    "or a non-negative number of nats."
+                )
+        if not isinstance(self.coef, (int, float)) or not math.isfinite(self.coef):
+            raise ValueError(f"algorithm.tip.coef={self.coef!r}: must be a finite number, e.g. 1.0.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"algorithm.tip.seed={self.seed!r}: must be an integer.")
+
+    @classmethod
+    def from_any(cls, config: Any) -> "TipConfig":
+        """Build from None, a TipConfig, a mapping of TIP keys, or a verl algorithm config holding `tip`."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        section = _as_plain_mapping(config)
+        if "tip" in section or "adv_estimator" in section:  # a whole verl `algorithm` section
+            section = _as_plain_mapping(section.get("tip") or {})
+        unknown = sorted(set(section) - _field_names())
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} in algorithm.tip; valid keys are {sorted(_field_names())}."
+            )
+        return cls(**section)
+
+
+def _as_plain_mapping(config: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return dict(OmegaConf.to_container(config, resolve=True))
+    except ImportError:  # omegaconf is optional for the pure core
+        pass
+    if dataclasses.is_dataclass(config):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"algorithm.tip must be a mapping (dict or DictConfig), got {type(config).__name__}.")
+
+
+def _field_names() -> set:
+    return {f.name for f in dataclasses.fields(TipConfig)}
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"algorithm.tip.{name}={value!r} is not known; set one of {list(choices)}.")
+
+
+def _check_fraction(name: str, value: Any, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"algorithm.tip.{name}={value!r} must be in (0, 1]: it is {meaning}.")

@@ -1,0 +1,34 @@
+"""`tip/...` metrics of one TIP step, as plain floats for verl's metric dict."""
+
+from __future__ import annotations
+
+import torch
+
+from tip_verl.core.advantages import TipTokens
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    count = mask.sum()
+    return float((values * mask).sum() / count) if count > 0 else 0.0
+
+
+def tip_metrics(tokens: TipTokens, response_mask: torch.Tensor) -> dict[str, float]:
+    """Selected fraction, token share per quadrant, mean teacher reward and divergence, selected vs not."""
+    valid = response_mask.bool()
+    selected = tokens.selected & valid
+    unselected = ~tokens.selected & valid
+    n_valid = valid.sum().clamp_min(1)
+    metrics = {
+        "tip/selected_fraction": float(selected.sum() / n_valid),
+        "tip/teacher_reward/selected_mean": _masked_mean(tokens.teacher_reward, selected),
+        "tip/teacher_reward/unselected_mean": _masked_mean(tokens.teacher_reward, unselected),
+        "tip/teacher_reward/mean": _masked_mean(tokens.teacher_reward, valid),
+        "tip/divergence/selected_mean": _masked_mean(tokens.divergence, selected),
+        "tip/divergence/unselected_mean": _masked_mean(tokens.divergence, unselected),
+    }
+    if tokens.quadrant is not None:
+        for q in (1, 2, 3, 4):
+            in_q = tokens.quadrant == q
+            metrics[f"tip/quadrant/q{q}_share"] = float(in_q.sum() / n_valid)
+            metrics[f"tip/quadrant/q{q}_selected_share"] = _masked_mean(selected.float(), in_q)
+    return metrics

@@ -1,0 +1,256 @@
+"""Log-probs and entropies of the LM head at selected token positions only.
+
+TIP trains on a subset of the response tokens. The usual loss stage builds
+full-vocabulary logits for every position (``hidden @ W.T`` of shape (B, T, V)),
+a log-softmax of the same size that autograd keeps for backward, and a
+gradient of the same size again. For the tokens TIP drops all of that is wasted.
+
+:func:`selected_token_logprobs` gathers the hidden states of the selected
+positions, applies the LM head and the log-softmax in chunks of ``chunk_size``
+selected tokens and keeps, for backward, only the selected hidden states and
+two floats per selected token. The backward recomputes each chunk's logits, so
+the peak memory of the loss stage is O(chunk_size x V) plus O(N x H) for the N
+selected tokens, in both passes.
+
+Pure torch: nothing here imports verl.
+
+Typical use::
+
+    logp, ent = selected_token_logprobs(hidden, lm_head.weight, selected, targets,
+                                        chunk_size=1024, return_entropy=True)
+    loss = -(advantages[selected] * logp).sum() / logp.numel()
+    logp_bt = scatter_selected(logp, selected)   # (B, T), zeros where not selected
+
+Zero selected tokens is not an error: the result is an empty tensor of shape
+(0,) that still belongs to the autograd graph (its backward gives zero
+gradients). A caller that averages over the selected tokens must guard the
+count itself, since the mean of an empty tensor is NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["selected_token_logprobs", "scatter_selected", "SelectedTokenLogProbs"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # softmax statistics in at least float32, even for bf16/fp16 heads
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """Logits of one chunk.
+
+    Args:
+        h: (C, H) hidden states of the chunk.
+        weight: (V, H) LM head weight.
+        bias: (V,) or None.
+    Returns:
+        (C, V) logits divided by ``temperature``, in float32 or wider.
+    """
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.to(_compute_dtype(z.dtype))
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+class SelectedTokenLogProbs(torch.autograd.Function):
+    """Chunked LM head + log-softmax over already gathered selected tokens.
+
+    forward(h_sel, weight, bias, targets, chunk_size, temperature, return_entropy)
+        h_sel: (N, H) hidden states of the selected tokens.
+        weight: (V, H) LM head weight.
+        bias: (V,) or None.
+        targets: (N,) int64 target ids.
+    returns (logp, entropy):
+        logp: (N,) log p(target) under softmax(logits / temperature).
+        entropy: (N,) entropy of that distribution in nats (zeros, with no
+            gradient path, when return_entropy is False).
+
+    Saved for backward: h_sel, weight, bias, targets and the (N,) logsumexp
+    and entropy; the (C, V) logits are recomputed chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, h_sel, weight, bias, targets, chunk_size, temperature, return_entropy):
+        n = h_sel.shape[0]
+        cdt = _compute_dtype(torch.promote_types(h_sel.dtype, weight.dtype))
+        logp = torch.empty(n, dtype=cdt, device=h_sel.device)
+        lse = torch.empty(n, dtype=cdt, device=h_sel.device)
+        ent = torch.zeros(n, dtype=cdt, device=h_sel.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
+            lse_c = torch.logsumexp(z, dim=-1)  # (C,)
+            lse[s:e] = lse_c
+            logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse_c
+            if return_entropy:
+                p = (z - lse_c[:, None]).exp_()  # (C, V)
+                ent[s:e] = lse_c - (p * z).sum(-1)
+                del p
+            del z
+        ctx.save_for_backward(h_sel, weight, bias, targets, lse, ent)
+        ctx.chunk_size = chunk_size
+        ctx.temperature = temperature
+        ctx.return_entropy = return_entropy
+        if not return_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        h_sel, weight, bias, targets, lse, ent = ctx.saved_tensors
+        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        n = h_sel.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        cdt = lse.dtype
+        grad_h = torch.empty_like(h_sel) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        use_ent = ctx.return_entropy and grad_ent is not None
+        if grad_logp is None:
+            grad_logp = torch.zeros(n, dtype=cdt, device=h_sel.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
+            logq = z.sub_(lse[s:e, None])  # log-softmax, (C, V)
+            g_lp = grad_logp[s:e].to(cdt)
+            # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)
+            if use_ent:
+                g_e = grad_ent[s:e].to(cdt)
+                p = logq.exp()
+                gz = logq.add_(ent[s:e, None]).mul_(p).mul_(-g_e[:, None])
+                gz.sub_(p.mul_(g_lp[:, None]))
+                del p
+            else:
+                gz = logq.exp_().mul_(-g_lp[:, None])
+            del z, logq
+            gz.scatter_add_(1, targets[s:e, None], g_lp[:, None])
+            if temperature != 1.0:
+                gz.div_(temperature)
+            if need_b:
+                grad_b += gz.sum(0)
+            if need_w:
+                # accumulate the head gradient in float32 across chunks
+                grad_w.addmm_(gz.t(), h_sel[s:e].to(cdt))
+            if need_h:
+                grad_h[s:e] = (gz.to(weight.dtype) @ weight).to(h_sel.dtype)
+            del gz
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _validate(hidden, weight, bias, selected, targets, chunk_size, temperature):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 (selected tokens per chunk); got {chunk_size!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape (B, T, H); got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be the LM head weight of shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}; "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},) or be None; got {tuple(bias.shape)}")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(selected.shape) != lead:
+        raise ValueError(f"selected must have shape {lead} (hidden.shape[:-1]); got {tuple(selected.shape)}")
+    if selected.dtype != torch.bool:
+        raise ValueError(f"selected must be a bool mask; got dtype {selected.dtype} (pass mask.bool())")
+    if tuple(targets.shape) != lead:
+        raise ValueError(f"targets must have shape {lead} (hidden.shape[:-1]); got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must hold integer token ids; got dtype {targets.dtype}")
+
+
+def selected_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    selected: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of the targets (and entropies) at the selected positions only.
+
+    Equal, values and gradients, to ``log_softmax((hidden @ weight.T + bias) /
+    temperature)`` gathered at ``targets`` and read at ``selected``, without
+    ever building logits for unselected positions or more than ``chunk_size``
+    rows of logits at a time.
+
+    Args:
+        hidden: (B, T, H) final hidden states (after the final norm). Any
+            leading shape S works as long as ``selected`` and ``targets`` have
+            shape S, e.g. (N_tokens, H) for a packed batch.
+        weight: (V, H) LM head weight.
+        selected: (B, T) bool mask of the positions to compute.
+        targets: (B, T) integer target ids; only the selected ones are read
+            and must lie in [0, V).
+        bias: (V,) LM head bias, or None.
+        chunk_size: number of selected tokens per chunk (>= 1); peak memory of
+            the logits buffers is a few chunk_size x V floats.
+        temperature: logits are divided by it before the softmax (> 0).
+        return_entropy: also return the full-vocabulary entropy (nats).
+
+    Returns:
+        (logp, entropy): ``logp`` (N,) and ``entropy`` (N,) or None, where
+        N = selected.sum(); order is the row-major order of the True entries
+        of ``selected`` (the order of ``hidden[selected]``). Both are float32
+        (float64 if the inputs are float64) and differentiable w.r.t.
+        ``hidden``, ``weight`` and ``bias``. With N = 0 they are empty.
+
+    Raises:
+        ValueError: on shape or dtype mismatch, chunk_size < 1, temperature
+            <= 0, or a selected target outside [0, V).
+    """
+    _validate(hidden, weight, bias, selected, targets, chunk_size, temperature)
+    h_sel = hidden[selected]  # (N, H)
+    t_sel = targets[selected].long()  # (N,)
+    if t_sel.numel() and (int(t_sel.min()) < 0 or int(t_sel.max()) >= weight.shape[0]):
+        raise ValueError(
+            f"targets at selected positions must lie in [0, V) with V = {weight.shape[0]}; "
+            f"got range [{int(t_sel.min())}, {int(t_sel.max())}]"
+        )
+    logp, ent = SelectedTokenLogProbs.apply(
+        h_sel, weight, bias, t_sel, chunk_size, float(temperature), bool(return_entropy)
+    )
+    return logp, (ent if return_entropy else None)
+
+
+def scatter_selected(values: torch.Tensor, selected: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Put per-selected-token values back at their positions.
+
+    Args:
+        values: (N,) values in the order of ``hidden[selected]``, N = selected.sum().
+        selected: (B, T) bool mask (any shape S).
+        fill: value at unselected positions.
+
+    Returns:
+        (B, T) tensor (shape S) of ``values.dtype``: ``values`` at the selected
+        positions, ``fill`` elsewhere; differentiable w.r.t. ``values``.
+    """
+    if selected.dtype != torch.bool:
+        raise ValueError(f"selected must be a bool mask; got dtype {selected.dtype} (pass mask.bool())")
+    if values.dim() != 1:
+        raise ValueError(f"values must have shape (N,); got {tuple(values.shape)}")
+    n = int(selected.sum())
+    if values.shape[0] != n:
+        raise ValueError(f"values has {values.shape[0]} entries but selected has {n} True positions; they must match")
+    out = torch.full(selected.shape, fill, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(selected.to(values.device), values)

@@ -1,0 +1,144 @@
+"""TIP selection rules: which response tokens of each rollout get the teacher signal.
+
+Every rule turns per-token scores into a boolean mask (B, T), vectorised over the padded batch.
+Each rollout i with m_i >= 1 valid tokens keeps k_i = max(1, floor(ratio * m_i)) of them: with a plain
+floor a one-token rollout (an immediate EOS) would get no teacher signal at all, which let a toy student
+collapse to emitting EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from tip_verl.core.scores import masked_quantile, minmax_normalize, q3_score, soft_or_score
+
+
+@dataclass
+class SelectionInputs:
+    """What a rule may read. All (B, T); entropy in nats, divergence a per-token KL estimate."""
+
+    response_mask: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    divergence: Optional[torch.Tensor] = None
+    entropy_quantile: float = 0.98
+    generator: Optional[torch.Generator] = None
+
+
+SelectionKeyFn = Callable[[SelectionInputs], torch.Tensor]
+SELECTION_RULES: dict[str, SelectionKeyFn] = {}
+
+
+def register_selection_rule(name: str) -> Callable[[SelectionKeyFn], SelectionKeyFn]:
+    """Register a rule: a function from SelectionInputs to keys (B, T); the top k_i keys of a rollout win."""
+
+    def decorator(fn: SelectionKeyFn) -> SelectionKeyFn:
+        SELECTION_RULES[name] = fn
+        return fn
+
+    return decorator
+
+
+def selection_budget(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """k_i = max(1, floor(ratio * m_i)) for rollouts with m_i >= 1 valid tokens, else 0. (B,) int64."""
+    lengths = response_mask.bool().sum(dim=-1)
+    budget = torch.floor(lengths.double() * ratio).long().clamp_min(1)
+    return torch.where(lengths > 0, torch.minimum(budget, lengths), torch.zeros_like(lengths))
+
+
+def top_k_per_rollout(keys: torch.Tensor, response_mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Mark the `budget[i]` valid positions with the largest keys in each row; ties go to the earlier position.
+
+    keys: (B, T) finite at valid positions; response_mask: (B, T); budget: (B,). Returns bool (B, T).
+    """
+    mask = response_mask.bool()
+    ranked = keys.float().masked_fill(~mask, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(keys.shape[-1], device=keys.device).expand_as(order))
+    return (rank < budget.unsqueeze(-1)) & mask
+
+
+def select_tokens(rule: str, ratio: float, inputs: SelectionInputs) -> torch.Tensor:
+    """Boolean mask (B, T) of the tokens `rule` selects at `ratio`; `all` selects every valid token."""
+    if rule != "all" and rule not in SELECTION_RULES:
+        names = sorted(["all", *SELECTION_RULES])
+        raise ValueError(f"Unknown selection rule {rule!r}; set algorithm.tip.rule to one of {names}.")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"Selection ratio {ratio!r} must be in (0, 1]: set algorithm.tip.ratio, e.g. 0.5.")
+    mask = inputs.response_mask.bool()
+    if not mask.any():
+        raise ValueError("Every response in the batch is empty (response_mask is all zero): nothing to select.")
+    if rule == "all":
+        return mask.clone()
+    keys = SELECTION_RULES[rule](inputs)
+    return top_k_per_rollout(keys, mask, selection_budget(mask, ratio))
+
+
+def _require(inputs: SelectionInputs, field: str, rule: str) -> torch.Tensor:
+    value = getattr(inputs, field)
+    if value is None:
+        raise ValueError(f"Selection rule {rule!r} needs per-token {field}, which was not given.")
+    if value.shape != inputs.response_mask.shape:
+        raise ValueError(
+            f"{field} has shape {tuple(value.shape)} but response_mask has {tuple(inputs.response_mask.shape)}; "
+            "pass both as (batch, response_length)."
+        )
+    return value
+
+
+def normalized_entropy_for_ranking(inputs: SelectionInputs, rule: str) -> torch.Tensor:
+    """h^: entropy clipped at its batch `entropy_quantile`, min-max normalised over valid tokens. (B, T)."""
+    entropy = _require(inputs, "entropy", rule)
+    upper = masked_quantile(entropy, inputs.response_mask, inputs.entropy_quantile)
+    return minmax_normalize(entropy, inputs.response_mask, "student entropy", upper=upper)
+
+
+@register_selection_rule("random")
+def random_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """Uniform random keys: a uniform subset of k_i tokens (the control)."""
+    mask = inputs.response_mask
+    return torch.rand(mask.shape, generator=inputs.generator, device=mask.device)
+
+
+@register_selection_rule("entropy")
+def entropy_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """The k_i highest-entropy tokens."""
+    return _require(inputs, "entropy", "entropy")
+
+
+@register_selection_rule("entropy_sample")
+def entropy_sample_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """Sample k_i tokens without replacement with p proportional to entropy (Gumbel-top-k).
+
+    log h + Gumbel noise, top-k, draws the same distribution as sequential sampling without replacement.
+    Zero-entropy tokens get a key below every positive one and fill the budget only when needed.
+    """
+    entropy = _require(inputs, "entropy", "entropy_sample").float()
+    uniform = torch.rand(entropy.shape, generator=inputs.generator, device=entropy.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    log_weight = torch.log(entropy.clamp_min(0.0)).clamp_min(-1e4)
+    return log_weight + gumbel
+
+
+@register_selection_rule("divergence")
+def divergence_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """The k_i tokens with the highest teacher-student divergence."""
+    return _require(inputs, "divergence", "divergence")
+
+
+@register_selection_rule("soft_or")
+def soft_or_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """Soft-OR of normalised entropy and divergence, top-k (the paper's best rule)."""
+    divergence = _require(inputs, "divergence", "soft_or")
+    normalized_divergence = minmax_normalize(divergence, inputs.response_mask, "teacher-student divergence")
+    return soft_or_score(normalized_entropy_for_ranking(inputs, "soft_or"), normalized_divergence)
+
+
+@register_selection_rule("q3")
+def q3_keys(inputs: SelectionInputs) -> torch.Tensor:
+    """d_t (1 - h^_t), top-k: confident tokens where the teacher disagrees."""
+    divergence = _require(inputs, "divergence", "q3")
+    return q3_score(divergence.float(), normalized_entropy_for_ranking(inputs, "q3"))

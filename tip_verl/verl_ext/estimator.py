@@ -1,0 +1,94 @@
+"""The `tip_opd` advantage estimator, registered in verl's ADV_ESTIMATOR_REGISTRY."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
+
+from tip_verl.core.advantages import mix_advantages, select_and_reward
+from tip_verl.core.config import TipConfig
+from tip_verl.verl_ext.step_context import current_step
+
+TIP_OPD = "tip_opd"
+_generators: dict[int, torch.Generator] = {}
+
+
+def _generator(seed: int) -> torch.Generator:
+    """One generator per seed per process: the random rules are deterministic given the seed and step order."""
+    if seed not in _generators:
+        _generators[seed] = torch.Generator().manual_seed(seed)
+    return _generators[seed]
+
+
+def _config_get(config: Any, key: str, default: Any) -> Any:
+    if config is None:
+        return default
+    getter = getattr(config, "get", None)
+    return getter(key, default) if getter is not None else getattr(config, key, default)
+
+
+@register_adv_est(TIP_OPD)
+def compute_tip_opd_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    config: Optional[Any] = None,
+    old_log_probs: Optional[torch.Tensor] = None,
+    teacher_logprobs: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    epsilon: float = 1e-6,
+    reward_baselines: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hybrid TIP-OPD + GRPO advantage.
+
+    On the tokens TIP selects, the student gets coef * r_t with r_t = log pT(y_t) - log pS_old(y_t)
+    (the per-token reverse-KL teacher signal); elsewhere it keeps verl's GRPO outcome advantage
+    (`mix`: replace, add or teacher_only; see TipConfig).
+
+    Args:
+        token_level_rewards: (bs, response_length) outcome rewards; their row sum is the rollout's score.
+        response_mask: (bs, response_length) 1 on valid response tokens.
+        index: (bs,) prompt ids grouping the rollouts of one prompt (GRPO groups).
+        config: verl's `algorithm` config (DictConfig or dict) holding `tip` and `norm_adv_by_std_in_grpo`,
+            or the `tip` section itself.
+        old_log_probs: (bs, response_length) log pS_old(y_t) of the sampled tokens.
+        teacher_logprobs: (bs, response_length) log pT(y_t) of the same tokens, response part only.
+        entropy: (bs, response_length) student entropy in nats; needed by the entropy-based rules.
+        epsilon: added to the GRPO group std.
+        reward_baselines: accepted for verl's call signature; unused.
+
+    The three per-token inputs may instead be bound by the `tip_sync` trainer (see step_context).
+
+    Returns:
+        advantages: (bs, response_length); returns: (bs, response_length), equal to advantages.
+    """
+    tip_config = TipConfig.from_any(config)
+    step = current_step()
+    if step is not None:
+        old_log_probs = old_log_probs if old_log_probs is not None else step.old_log_probs
+        teacher_logprobs = teacher_logprobs if teacher_logprobs is not None else step.teacher_logprobs
+        entropy = entropy if entropy is not None else step.entropy
+    tokens = select_and_reward(
+        tip_config,
+        response_mask,
+        old_log_probs=old_log_probs,
+        teacher_logprobs=teacher_logprobs,
+        entropy=entropy,
+        generator=_generator(tip_config.seed),
+    )
+    outcome_advantages, _ = compute_grpo_outcome_advantage(
+        token_level_rewards=token_level_rewards,
+        response_mask=response_mask,
+        index=index,
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=_config_get(config, "norm_adv_by_std_in_grpo", True),
+    )
+    advantages = mix_advantages(
+        outcome_advantages, tokens.teacher_reward, tokens.selected, response_mask, tip_config.mix, tip_config.coef
+    )
+    if step is not None:
+        step.tokens = tokens
+    return advantages, advantages

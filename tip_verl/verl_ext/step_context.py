@@ -1,0 +1,45 @@
+"""Hands per-token tensors from the trainer's advantage step to the `tip_opd` estimator.
+
+verl's `compute_advantage` passes an estimator a fixed set of fields; the trainer binds the rest
+(old log-probs, teacher log-probs, entropy) here for the duration of one advantage step, and the estimator
+leaves what it selected here for the trainer's `tip/` metrics.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from tip_verl.core.advantages import TipTokens
+
+
+@dataclass
+class TipStep:
+    """Inputs of one advantage step, each (batch, response_length), and the estimator's output."""
+
+    old_log_probs: Optional[torch.Tensor] = None
+    teacher_logprobs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    tokens: Optional[TipTokens] = None
+
+
+_CURRENT_STEP: ContextVar[Optional[TipStep]] = ContextVar("tip_verl_current_step", default=None)
+
+
+@contextmanager
+def tip_step(step: TipStep) -> Iterator[TipStep]:
+    """Make `step` visible to `tip_opd` calls inside the block."""
+    token = _CURRENT_STEP.set(step)
+    try:
+        yield step
+    finally:
+        _CURRENT_STEP.reset(token)
+
+
+def current_step() -> Optional[TipStep]:
+    """The step bound by the enclosing `tip_step` block, or None."""
+    return _CURRENT_STEP.get()

@@ -1,0 +1,89 @@
+"""`tip_sync`: verl's synchronous V1 trainer whose advantage step feeds `tip_opd` its per-token inputs.
+
+verl 0.9.1's `_compute_advantage` hands an estimator only rewards, mask, uid and config. This subclass
+reads `entropy` and `old_log_probs` (written by the old-log-prob step) and the response part of
+`teacher_logprobs` (written by verl's teacher for the whole sequence) from TransferQueue, binds them for
+`tip_opd`, runs verl's own advantage step unchanged, and adds `tip/` metrics.
+
+verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
+dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
+silently run those as an async trainer. `trainer_mode` is therefore pinned to "sync" here, and settings
+under `trainer.v1.sync` apply as for the stock sync trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+import transfer_queue as tq
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.utils.padding import response_from_nested
+
+from tip_verl.core.metrics import tip_metrics
+from tip_verl.verl_ext.estimator import TIP_OPD
+from tip_verl.verl_ext.step_context import TipStep, tip_step
+
+TIP_TRAINER_MODE = "tip_sync"
+
+
+def sampled_token_teacher_logprobs(
+    teacher_logprobs: torch.Tensor, response_mask: torch.Tensor, teacher_ids=None, responses=None
+) -> torch.Tensor:
+    """Teacher log-prob of each sampled response token, padded (bs, response_length).
+
+    teacher_logprobs: nested (bs, prompt_len + response_len, K), verl's teacher layout (position j holds
+    the log-prob of token j + 1). With K == 1 that is the sampled token; with top-k (K > 1) the sampled
+    token is looked up in `teacher_ids` (same layout) against `responses` (nested (bs, response_len)).
+    response_mask: nested (bs, response_len).
+    """
+    response_part = response_from_nested(teacher_logprobs, response_mask).to_padded_tensor(0.0)
+    if response_part.dim() == 2 or response_part.shape[-1] == 1:
+        return response_part.reshape(response_part.shape[0], -1)
+    if teacher_ids is None or responses is None:
+        raise ValueError("Top-k teacher log-probs need teacher_ids and responses to find the sampled token.")
+    ids = response_from_nested(teacher_ids, response_mask).to_padded_tensor(-1)
+    tokens = responses.to_padded_tensor(-1).unsqueeze(-1)
+    found = ids == tokens
+    mask = response_mask.to_padded_tensor(0).bool()
+    missing = mask & ~found.any(dim=-1)
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} sampled response tokens are outside the teacher's top-{ids.shape[-1]}, so "
+            "their teacher log-prob is unknown. tip_opd's advantage route needs the sampled token's log-prob: "
+            "use an estimator distillation loss (distillation.distillation_loss.loss_mode=k3, use_topk=false)."
+        )
+    return (response_part * found).sum(dim=-1)
+
+
+@register_trainer(TIP_TRAINER_MODE)
+class TipSyncTrainer(PPOTrainerSync):
+    """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs."""
+
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:
+        if value not in ("sync", TIP_TRAINER_MODE):
+            raise ValueError(f"{type(self).__name__} runs in sync mode only, got trainer_mode={value!r}.")
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.config.algorithm.adv_estimator != TIP_OPD:
+            return super()._compute_advantage(batch, metrics)
+        fields = ["response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
+        use_topk = self.config.distillation.distillation_loss.get("loss_settings", {}).get("use_topk", False)
+        if use_topk:
+            fields += ["teacher_ids", "responses"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        step = TipStep(
+            old_log_probs=data["old_log_probs"].to_padded_tensor(0.0),
+            entropy=data["entropy"].to_padded_tensor(0.0),
+            teacher_logprobs=sampled_token_teacher_logprobs(
+                data["teacher_logprobs"], data["response_mask"], data.get("teacher_ids"), data.get("responses")
+            ),
+        )
+        with tip_step(step):
+            batch = super()._compute_advantage(batch, metrics)
+        metrics.update(tip_metrics(step.tokens, data["response_mask"].to_padded_tensor(0)))
+        return batch
