@@ -1,0 +1,82 @@
+"""Token scores against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from tip_verl.core.scores import (
+    divergence_estimate,
+    masked_quantile,
+    minmax_normalize,
+    normalized_entropy,
+    quadrant_labels,
+    soft_or_score,
+    token_entropy,
+    topk_reverse_kl,
+)
+
+MASK = torch.tensor([[1, 1, 0]])
+
+
+def test_divergence_estimates_by_hand():
+    teacher = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    student = torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    # q = pT / pS = 2 and 0.5
+    k1 = divergence_estimate(teacher, student, MASK, "k1")
+    k3 = divergence_estimate(teacher, student, MASK, "k3")
+    abs_k1 = divergence_estimate(teacher, student, MASK, "abs_k1")
+    torch.testing.assert_close(k1, torch.tensor([[-math.log(2), math.log(2), 0.0]]))
+    torch.testing.assert_close(abs_k1, torch.tensor([[math.log(2), math.log(2), 0.0]]))
+    torch.testing.assert_close(k3, torch.tensor([[1 - math.log(2), -0.5 + math.log(2), 0.0]]))
+
+
+def test_k3_is_unbiased_for_reverse_kl():
+    student = torch.tensor([0.7, 0.2, 0.1])
+    teacher = torch.tensor([0.3, 0.3, 0.4])
+    exact = float((student * (student / teacher).log()).sum())
+    ones = torch.ones(1, 3)
+    k3 = divergence_estimate(teacher.log()[None], student.log()[None], ones, "k3")
+    assert float((k3 * student).sum()) == pytest.approx(exact, rel=1e-5)
+
+
+def test_entropy_uniform_and_onehot():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(token_entropy(logits), torch.tensor([math.log(4), 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalized_entropy(logits), torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_topk_reverse_kl_by_hand():
+    student = torch.tensor([0.6, 0.2]).log().view(1, 1, 2)
+    teacher = torch.tensor([0.2, 0.2]).log().view(1, 1, 2)  # renormalised: 0.5, 0.5
+    ps = torch.tensor([0.75, 0.25])
+    expected = float((ps * (ps / 0.5).log()).sum())
+    assert topk_reverse_kl(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_quantile_matches_torch_quantile():
+    values = torch.randn(4, 9, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    for q in (0.0, 0.1, 0.5, 0.98, 1.0):
+        expected = torch.quantile(values[mask], q)
+        torch.testing.assert_close(masked_quantile(values, mask, q), expected)
+
+
+def test_minmax_with_clip_and_soft_or_by_hand():
+    entropy = torch.tensor([[0.0, 1.0, 9.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    h_hat = minmax_normalize(entropy, mask, "entropy", upper=torch.tensor(2.0))
+    torch.testing.assert_close(h_hat, torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, 0.0]]))
+    d_hat = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(soft_or_score(h_hat, d_hat)[0], torch.tensor([0.5, 0.75, 1.0]))
+
+
+def test_quadrants_median_split_and_absolute_thresholds():
+    entropy = torch.tensor([[3.0, 3.0, 0.1, 0.1]])
+    divergence = torch.tensor([[2.0, 0.0, 2.0, 0.0]])
+    mask = torch.ones(1, 4)
+    assert quadrant_labels(entropy, divergence, mask).tolist() == [[1, 2, 3, 4]]
+    labels = quadrant_labels(entropy, divergence, mask, entropy_threshold=5.0, divergence_threshold=1.0)
+    assert labels.tolist() == [[3, 4, 3, 4]]
+    padded = quadrant_labels(entropy, divergence, torch.tensor([[1, 1, 1, 0]]))
+    assert padded[0, 3] == 0

@@ -1,0 +1,122 @@
+"""Selection rules: hand-computed cases, exact equality with the per-rollout loop, sampling law, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from tip_verl.core.reference_selection import reference_select
+from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget
+
+PAD = 0.0
+# three rollouts of 4, 2 and 1 valid tokens; ratio 0.5 gives budgets 2, 1 and 1
+MASK = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+ENTROPY = torch.tensor([[0.1, 0.9, 0.5, 0.85, PAD], [0.2, 0.8, PAD, PAD, PAD], [0.4, PAD, PAD, PAD, PAD]])
+DIVERGENCE = torch.tensor([[0.5, 0.0, 0.2, 0.9, PAD], [0.9, 0.1, PAD, PAD, PAD], [0.0, PAD, PAD, PAD, PAD]])
+
+
+def positions(selected):
+    return [sorted(torch.nonzero(row).flatten().tolist()) for row in selected]
+
+
+def select(rule, ratio=0.5, quantile=1.0, seed=0):
+    inputs = SelectionInputs(MASK, ENTROPY, DIVERGENCE, quantile, torch.Generator().manual_seed(seed))
+    return select_tokens(rule, ratio, inputs)
+
+
+def test_budget_is_floor_with_at_least_one_token():
+    mask = torch.zeros(5, 10)
+    for row, length in enumerate([0, 1, 2, 3, 10]):
+        mask[row, :length] = 1
+    assert selection_budget(mask, 0.5).tolist() == [0, 1, 1, 1, 5]
+    assert selection_budget(mask, 0.1).tolist() == [0, 1, 1, 1, 1]
+    assert selection_budget(mask, 1.0).tolist() == [0, 1, 2, 3, 10]
+
+
+def test_all_selects_every_valid_token():
+    assert positions(select("all")) == [[0, 1, 2, 3], [0, 1], [0]]
+
+
+def test_entropy_top_k_by_hand():
+    assert positions(select("entropy")) == [[1, 3], [1], [0]]
+
+
+def test_divergence_top_k_by_hand():
+    assert positions(select("divergence")) == [[0, 3], [0], [0]]
+
+
+def test_soft_or_by_hand():
+    # h^ = (h - 0.1) / 0.8 -> [0, 1, .5, .9375], [.125, .875], [.375]; d^ = d / 0.9
+    # s = 1 - (1 - h^)(1 - d^) -> [.556, 1, .611, 1], [1, .889], [.375]
+    assert positions(select("soft_or")) == [[1, 3], [0], [0]]
+
+
+def test_q3_by_hand():
+    # w = d (1 - h^) -> [.5, 0, .1, .05625], [.7875, .0125], [0]
+    assert positions(select("q3")) == [[0, 2], [0], [0]]
+
+
+def test_random_and_sample_respect_budget():
+    for rule in ("random", "entropy_sample"):
+        assert select(rule).sum(dim=1).tolist() == [2, 1, 1]
+        assert not (select(rule) & ~MASK.bool()).any()
+
+
+def random_ragged_batch(seed, batch=12, width=40):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, width + 1, (batch,), generator=g)
+    lengths[0] = 1
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    entropy = torch.rand(batch, width, generator=g) * 3
+    entropy[1, :5] = 0.0  # zero-entropy tokens for entropy_sample
+    divergence = torch.rand(batch, width, generator=g).pow(3)
+    divergence[2, :3] = divergence[2, 3]  # ties: the earlier position wins
+    return mask, entropy, divergence
+
+
+@pytest.mark.parametrize("rule", ["all", "random", "entropy", "entropy_sample", "divergence", "soft_or", "q3"])
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_equals_loop_reference(rule, ratio, seed):
+    mask, entropy, divergence = random_ragged_batch(seed)
+    inputs = SelectionInputs(mask, entropy, divergence, 0.98, torch.Generator().manual_seed(seed))
+    fast = select_tokens(rule, ratio, inputs)
+    slow = reference_select(rule, ratio, mask, entropy, divergence, 0.98, torch.Generator().manual_seed(seed))
+    assert torch.equal(fast, slow)
+
+
+def test_entropy_sample_follows_sampling_without_replacement():
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    p = weights / weights.sum()
+    # P(i in a 2-draw sample without replacement) = p_i + sum_{j != i} p_j p_i / (1 - p_j)
+    exact = [float(p[i] + sum(p[j] * p[i] / (1 - p[j]) for j in range(4) if j != i)) for i in range(4)]
+    draws = 20000
+    mask = torch.ones(draws, 4)
+    inputs = SelectionInputs(mask, weights.expand(draws, 4), None, 0.98, torch.Generator().manual_seed(0))
+    frequency = select_tokens("entropy_sample", 0.5, inputs).float().mean(dim=0)
+    assert frequency.tolist() == pytest.approx(exact, abs=0.015)
+
+
+def test_random_is_uniform():
+    draws = 20000
+    inputs = SelectionInputs(torch.ones(draws, 5), None, None, 0.98, torch.Generator().manual_seed(0))
+    frequency = select_tokens("random", 0.4, inputs).float().mean(dim=0)
+    assert frequency.tolist() == pytest.approx([0.4] * 5, abs=0.015)
+
+
+def test_deterministic_given_seed():
+    mask, entropy, divergence = random_ragged_batch(5)
+    for rule in ("random", "entropy_sample"):
+        runs = [
+            select_tokens(rule, 0.5, SelectionInputs(mask, entropy, divergence, 0.98, torch.Generator().manual_seed(s)))
+            for s in (7, 7, 8)
+        ]
+        assert torch.equal(runs[0], runs[1])
+        assert not torch.equal(runs[0], runs[2])
+
+
+def test_selected_fraction_tracks_ratio_on_long_rollouts():
+    mask = torch.ones(8, 1000)
+    inputs = SelectionInputs(mask, torch.rand(8, 1000), torch.rand(8, 1000), 0.98, torch.Generator().manual_seed(0))
+    for ratio in (0.1, 0.2, 0.5):
+        assert select_tokens("soft_or", ratio, inputs).float().mean().item() == pytest.approx(math.floor(1000 * ratio) / 1000)

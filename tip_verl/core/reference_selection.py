@@ -1,0 +1,67 @@
+"""Slow per-rollout reference of the selection rules: a Python loop over rollouts and their tokens.
+
+The vectorised rules in `selection.py` are tested for exact equality against it and benchmarked against
+it. Batch-level statistics (quantile, min-max) are the same functions; the per-rollout budget, the
+ranking and the tie order are recomputed here one rollout at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from tip_verl.core.scores import masked_quantile, minmax_normalize
+
+
+def _row_budget(length: int, ratio: float) -> int:
+    return 0 if length == 0 else min(length, max(1, math.floor(length * ratio)))
+
+
+def reference_select(
+    rule: str,
+    ratio: float,
+    response_mask: torch.Tensor,
+    entropy: Optional[torch.Tensor] = None,
+    divergence: Optional[torch.Tensor] = None,
+    entropy_quantile: float = 0.98,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Boolean mask (B, T), one rollout at a time; same noise draws as the vectorised rules."""
+    mask = response_mask.bool()
+    keys = _reference_keys(rule, mask, entropy, divergence, entropy_quantile, generator)
+    selected = torch.zeros_like(mask)
+    for row in range(mask.shape[0]):
+        positions = [t for t in range(mask.shape[1]) if mask[row, t]]
+        if rule == "all":
+            chosen = positions
+        else:
+            ranked = sorted(positions, key=lambda t: (-float(keys[row, t]), t))
+            chosen = ranked[: _row_budget(len(positions), ratio)]
+        for t in chosen:
+            selected[row, t] = True
+    return selected
+
+
+def _reference_keys(rule, mask, entropy, divergence, entropy_quantile, generator) -> Optional[torch.Tensor]:
+    if rule == "all":
+        return None
+    if rule == "random":
+        return torch.rand(mask.shape, generator=generator)
+    if rule == "entropy":
+        return entropy.float()
+    if rule == "divergence":
+        return divergence.float()
+    if rule == "entropy_sample":
+        uniform = torch.rand(mask.shape, generator=generator)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return torch.log(entropy.float().clamp_min(0.0)).clamp_min(-1e4) + gumbel
+    upper = masked_quantile(entropy, mask, entropy_quantile)
+    h_hat = minmax_normalize(entropy, mask, "entropy", upper=upper)
+    if rule == "soft_or":
+        d_hat = minmax_normalize(divergence, mask, "divergence")
+        return 1.0 - (1.0 - h_hat) * (1.0 - d_hat)
+    if rule == "q3":
+        return divergence.float() * (1.0 - h_hat)
+    raise ValueError(f"Unknown rule {rule!r}")
