@@ -1,0 +1,145 @@
+"""The `tip_sync` trainer's advantage step, driven on CPU with real verl objects and a real TransferQueue."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, get_trainer_cls
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from tip_verl.verl_ext.trainer import TipSyncTrainer
+
+TIP = {"rule": "divergence", "ratio": 0.5, "divergence": "abs_k1", "mix": "replace", "coef": 1.0}
+
+
+def verl_config(trainer_mode="tip_sync"):
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    overrides = [
+        "trainer.use_v1=true",
+        f"trainer.v1.trainer_mode={trainer_mode}",
+        "algorithm.adv_estimator=tip_opd",
+        "actor_rollout_ref.rollout.n=2",
+        *[f"+algorithm.tip.{key}={value}" for key, value in TIP.items()],
+    ]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def test_registered_name_resolves_to_our_class():
+    assert get_trainer_cls("tip_sync") is TipSyncTrainer
+
+
+def test_sync_behaviour_is_kept_under_the_new_mode_name():
+    trainer = TipSyncTrainer(verl_config())
+    assert trainer.trainer_mode == "sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer  # the sync buffer, not ReplayBufferAsync
+
+    class UnpinnedSubclass(PPOTrainerSync):  # what a plain subclass under a new name would do
+        pass
+
+    TRAINER_REGISTRY["tip_test_unpinned"] = UnpinnedSubclass
+    try:
+        unpinned = UnpinnedSubclass(verl_config("tip_test_unpinned"))
+        assert unpinned.trainer_mode != "sync"
+        assert type(unpinned.replay_buffer) is not ReplayBuffer
+    finally:
+        del TRAINER_REGISTRY["tip_test_unpinned"]
+
+
+# (prompt length, response length, outcome score) of four rollouts of two prompts
+ROLLOUTS = [(3, 4, 1.0), (2, 2, 0.0), (4, 3, 1.0), (3, 1, 0.0)]
+
+
+def make_samples(generator):
+    """verl's TransferQueue layout: response-aligned fields, teacher log-probs over the whole sequence."""
+    samples, response_teacher = [], []
+    for i, (prompt_len, response_len, score) in enumerate(ROLLOUTS):
+        old = -torch.rand(response_len, generator=generator) - 0.1
+        teacher_response = old + torch.randn(response_len, generator=generator)
+        # position j holds the log-prob of token j + 1, so response token t sits at prompt_len - 1 + t
+        teacher = torch.full((prompt_len + response_len, 1), -50.0)
+        teacher[prompt_len - 1 : prompt_len - 1 + response_len, 0] = teacher_response
+        rm_scores = torch.zeros(response_len)
+        rm_scores[-1] = score
+        samples.append(
+            {
+                "uid": f"prompt{i // 2}",
+                "prompts": torch.arange(prompt_len),
+                "responses": torch.arange(response_len),
+                "response_mask": torch.ones(response_len, dtype=torch.long),
+                "rm_scores": rm_scores,
+                "old_log_probs": old,
+                "entropy": torch.rand(response_len, generator=generator),
+                "teacher_logprobs": teacher,
+            }
+        )
+        response_teacher.append(teacher_response)
+    return samples, response_teacher
+
+
+def pad(rows, width):
+    return torch.stack([torch.nn.functional.pad(row, (0, width - row.numel())) for row in rows])
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    import ray
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+    yield tq
+    tq.close()
+    ray.shutdown()
+
+
+def test_advantage_step_reads_entropy_old_and_teacher_response_part(transfer_queue):
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = transfer_queue
+    samples, response_teacher = make_samples(torch.Generator().manual_seed(0))
+    keys = [f"prompt{i // 2}_{i}_0" for i in range(len(samples))]
+    batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
+
+    trainer = TipSyncTrainer(verl_config())
+    metrics = {}
+    trainer._compute_advantage(batch, metrics)
+    stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+    advantages = stored["advantages"].to_padded_tensor(0.0)
+
+    width = max(r for _, r, _ in ROLLOUTS)
+    mask = pad([s["response_mask"] for s in samples], width)
+    direct, _ = get_adv_estimator_fn("tip_opd")(
+        token_level_rewards=pad([s["rm_scores"] for s in samples], width),
+        response_mask=mask,
+        index=np.array([s["uid"] for s in samples], dtype=object),
+        config={"tip": TIP},
+        old_log_probs=pad([s["old_log_probs"] for s in samples], width),
+        teacher_logprobs=pad(response_teacher, width),
+        entropy=pad([s["entropy"] for s in samples], width),
+    )
+    torch.testing.assert_close(advantages, direct)
+    # replace: each rollout's selected token (budget 1 or 2) carries r_t, which is never the -50 padding
+    assert advantages.min() > -10
+    assert metrics["tip/selected_fraction"] == pytest.approx((2 + 1 + 1 + 1) / 10)
+    assert {"tip/quadrant/q3_share", "tip/teacher_reward/selected_mean"} <= set(metrics)
+
+
+def test_ray_worker_sees_our_names_after_a_plain_import_verl(transfer_queue):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def registered_names():
+        import verl  # noqa: F401  (loads the verl.plugins entry points, nothing else of ours)
+        from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+        return "tip_opd" in ADV_ESTIMATOR_REGISTRY, "tip_sync" in TRAINER_REGISTRY
+
+    assert ray.get(registered_names.remote()) == (True, True)
