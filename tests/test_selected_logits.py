@@ -137,6 +137,23 @@ def test_logprob_only_and_bf16_head_in_float32_statistics(chunk_size):
     torch.testing.assert_close(weight.grad, w2.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("use", ["logp", "entropy"])
+def test_only_one_output_in_the_loss(use):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(21, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 21, (2, 6), generator=g)
+    selected = torch.rand(2, 6, generator=g) < 0.6
+    logp, ent = selected_token_logprobs(hidden, weight, selected, targets, chunk_size=2, return_entropy=True)
+    (logp if use == "logp" else ent).sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref_lp, ref_ent = _naive(hidden, weight, None, targets, selected)
+    (ref_lp if use == "logp" else ref_ent).sum().backward()
+    torch.testing.assert_close(got[0], hidden.grad)
+    torch.testing.assert_close(got[1], weight.grad)
+
+
 def test_chunk_larger_than_count_and_all_selected_equal_one_chunk():
     model = _tiny_llama()
     inp, targets, _, _, _ = _batch(1.0)
@@ -204,3 +221,115 @@ def test_bad_input_raises_clear_value_error(kwargs, match):
 def test_scatter_rejects_count_mismatch():
     with pytest.raises(ValueError, match="must match"):
         scatter_selected(torch.zeros(3), torch.ones(2, 2, dtype=torch.bool))
+
+
+# --- the verl 0.9.1 patch (patches/verl-0.9.1-tip-selected-logprobs.patch) ---
+
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import py_compile  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+PATCH = pathlib.Path(__file__).resolve().parents[1] / "patches" / "verl-0.9.1-tip-selected-logprobs.patch"
+PATCHED_FILES = [
+    "verl/workers/utils/padding.py",
+    "verl/models/transformers/dense_common.py",
+    "verl/workers/engine/fsdp/transformer_impl.py",
+]
+
+
+@pytest.fixture(scope="module")
+def patched_verl(tmp_path_factory):
+    """Copy of the installed verl files the patch touches, with the patch applied."""
+    spec = importlib.util.find_spec("verl")
+    if spec is None or shutil.which("patch") is None:
+        pytest.skip("needs verl installed and the `patch` program")
+    site = pathlib.Path(spec.submodule_search_locations[0]).parent
+    root = tmp_path_factory.mktemp("verl_copy")
+    for f in PATCHED_FILES:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(site / f, root / f)
+    dry = subprocess.run(["patch", "-p1", "--dry-run", "-i", str(PATCH)], cwd=root, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    real = subprocess.run(["patch", "-p1", "-i", str(PATCH)], cwd=root, capture_output=True, text=True)
+    assert real.returncode == 0, real.stdout + real.stderr
+    return root
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_patch_applies_to_installed_verl_and_compiles(patched_verl):
+    assert importlib.metadata.version("verl") == "0.9.1", "the patch is pinned to verl 0.9.1"
+    for f in PATCHED_FILES:
+        py_compile.compile(str(patched_verl / f), doraise=True)
+    assert "tip_selected" in (patched_verl / PATCHED_FILES[1]).read_text()
+
+
+def test_patched_forward_matches_verl_fused_path_at_selected_tokens(patched_verl):
+    dense = _load(patched_verl / PATCHED_FILES[1], "patched_dense_common")
+    model = _tiny_llama(dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, V, (1, 15), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    selected = torch.rand(1, 15, generator=g) < 0.4
+    selected[0, 0] = True
+    adv = torch.randn(1, 15, generator=g)
+
+    def run(tip_selected):
+        model.zero_grad(set_to_none=True)
+        out = dense.forward_with_torch_backend(
+            model, input_ids=ids, return_dict=True, temperature=0.8, shift_labels=labels, tip_selected=tip_selected
+        )
+        m = selected.float()
+        (-(adv * out.log_probs * m).sum() + (out.entropy * m).sum()).backward()
+        return out.log_probs.detach() * m, out.entropy.detach().float() * m, {
+            n: p.grad.clone() for n, p in model.named_parameters()
+        }, out.log_probs.detach()
+
+    ref = run(None)  # verl's own FusedLinearForPPO over every token
+    got = run(selected)
+    # the selected-token route really ran: nothing was computed for the other positions
+    assert torch.all(got[3][~selected] == 0) and torch.all(ref[3][~selected] != 0)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_patched_packing_helper_inverts_no_padding_2_padding(patched_verl):
+    from tensordict import TensorDict
+
+    padding = _load(patched_verl / PATCHED_FILES[0], "patched_padding")
+    # left-padded prompts (P=4), right-padded responses (R=5)
+    prompt_lens, resp_lens = torch.tensor([2, 4, 3]), torch.tensor([5, 1, 3])
+    P, R = 4, 5
+    attn = torch.zeros(3, P + R, dtype=torch.long)
+    for i in range(3):
+        attn[i, P - prompt_lens[i] : P] = 1
+        attn[i, P : P + resp_lens[i]] = 1
+    response_mask = attn[:, P:].clone()
+    ids = torch.randint(1, V, (3, P + R))
+    data = TensorDict(
+        {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "response_mask": response_mask,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "prompts": ids[:, :P],
+            "responses": ids[:, P:],
+        },
+        batch_size=[3],
+    )
+    data = padding.left_right_2_no_padding(data)
+    selected = (torch.rand(3, R, generator=torch.Generator().manual_seed(2)) < 0.5) & response_mask.bool()
+    packed = padding.padding_2_no_padding_response(selected.long(), data)
+    assert packed.shape == (int(attn.sum()),) and int(packed.sum()) == int(selected.sum())
+    back = padding.no_padding_2_padding(packed, data)
+    assert torch.equal(back.bool(), selected)

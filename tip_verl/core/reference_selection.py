@@ -1,8 +1,8 @@
-"""Slow per-rollout reference of the selection rules: a Python loop over rollouts and their tokens.
+"""Slow per-rollout reference of the selection rules: a Python loop over rollouts.
 
 The vectorised rules in `selection.py` are tested for exact equality against it and benchmarked against
 it. Batch-level statistics (quantile, min-max) are the same functions; the per-rollout budget, the
-ranking and the tie order are recomputed here one rollout at a time.
+ranking (ties to the earlier position) are recomputed here one rollout at a time.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ def reference_select(
     keys = _reference_keys(rule, mask, entropy, divergence, entropy_quantile, generator)
     selected = torch.zeros_like(mask)
     for row in range(mask.shape[0]):
-        positions = [t for t in range(mask.shape[1]) if mask[row, t]]
+        positions = mask[row].nonzero().flatten()
         if rule == "all":
             chosen = positions
         else:
-            ranked = sorted(positions, key=lambda t: (-float(keys[row, t]), t))
-            chosen = ranked[: _row_budget(len(positions), ratio)]
-        for t in chosen:
-            selected[row, t] = True
+            order = torch.sort(keys[row, positions], descending=True, stable=True).indices
+            chosen = positions[order[: _row_budget(positions.numel(), ratio)]]
+        selected[row, chosen] = True
     return selected
 
 

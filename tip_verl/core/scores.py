@@ -74,14 +74,19 @@ def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: 
 
 
 def masked_quantile(values: torch.Tensor, response_mask: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile (linear interpolation, as torch.quantile) of `values` over valid tokens; a 0-d tensor."""
-    valid = values[response_mask.bool()].float().sort().values
+    """The q-quantile (linear interpolation, as torch.quantile) of `values` over valid tokens; a 0-d tensor.
+
+    Two order statistics by selection (kthvalue), not a full sort: this runs on every batch.
+    """
+    valid = values[response_mask.bool()].float()
     if valid.numel() == 0:
         raise ValueError("No valid response token in the batch (response_mask is all zero): nothing to score.")
     position = q * (valid.numel() - 1)
     low = int(math.floor(position))
     high = min(low + 1, valid.numel() - 1)
-    return valid[low] + (position - low) * (valid[high] - valid[low])
+    low_value = torch.kthvalue(valid, low + 1).values
+    high_value = torch.kthvalue(valid, high + 1).values if high != low else low_value
+    return low_value + (position - low) * (high_value - low_value)
 
 
 def minmax_normalize(

@@ -81,6 +81,8 @@ class SelectedTokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_sel, weight, bias, targets, chunk_size, temperature, return_entropy):
+        # an output the loss does not use arrives as None in backward, not as zeros
+        ctx.set_materialize_grads(False)
         n = h_sel.shape[0]
         cdt = _compute_dtype(torch.promote_types(h_sel.dtype, weight.dtype))
         logp = torch.empty(n, dtype=cdt, device=h_sel.device)
@@ -89,13 +91,23 @@ class SelectedTokenLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
-            lse_c = torch.logsumexp(z, dim=-1)  # (C,)
-            lse[s:e] = lse_c
-            logp[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse_c
+            z_t = z.gather(1, targets[s:e, None]).squeeze(1)
+            m = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            z.sub_(m)  # shifted logits, in place
             if return_entropy:
-                p = (z - lse_c[:, None]).exp_()  # (C, V)
-                ent[s:e] = lse_c - (p * z).sum(-1)
-                del p
+                ex = z.exp()  # (C, V) unnormalised probabilities
+                sum_ex = ex.sum(-1)
+                # sum_v ex_v * z_v as a batched dot product: no third (C, V) buffer
+                ez = torch.bmm(ex[:, None, :], z[:, :, None]).view(-1)
+                del ex
+            else:
+                sum_ex = z.exp_().sum(-1)  # in place: one (C, V) buffer
+            log_sum = sum_ex.log()
+            lse_c = m.squeeze(1) + log_sum
+            lse[s:e] = lse_c
+            logp[s:e] = z_t - lse_c
+            if return_entropy:
+                ent[s:e] = log_sum - ez / sum_ex
             del z
         ctx.save_for_backward(h_sel, weight, bias, targets, lse, ent)
         ctx.chunk_size = chunk_size
@@ -113,7 +125,10 @@ class SelectedTokenLogProbs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         cdt = lse.dtype
         grad_h = torch.empty_like(h_sel) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        # A bf16/fp16 head gradient summed over several chunks is accumulated in
+        # float32 (one extra V x H float32 buffer); one chunk needs no buffer.
+        acc_wide = need_w and weight.dtype != cdt and n > chunk_size
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if acc_wide else None
         grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
         use_ent = ctx.return_entropy and grad_ent is not None
         if grad_logp is None:
@@ -138,14 +153,17 @@ class SelectedTokenLogProbs(torch.autograd.Function):
                 gz.div_(temperature)
             if need_b:
                 grad_b += gz.sum(0)
-            if need_w:
-                # accumulate the head gradient in float32 across chunks
+            if acc_wide:
                 grad_w.addmm_(gz.t(), h_sel[s:e].to(cdt))
+            gz = gz.to(weight.dtype)
+            if need_w and not acc_wide:
+                h_c = h_sel[s:e].to(weight.dtype)
+                grad_w = gz.t() @ h_c if grad_w is None else grad_w.addmm_(gz.t(), h_c)
             if need_h:
-                grad_h[s:e] = (gz.to(weight.dtype) @ weight).to(h_sel.dtype)
+                grad_h[s:e] = (gz @ weight).to(h_sel.dtype)
             del gz
         if need_w:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None

@@ -21,9 +21,9 @@ from torch.cpu import (  # noqa: F401  (re-exported: part of the device-module s
 )
 
 
-def current_device() -> int:
-    """The one CPU "device" has index 0."""
-    return 0
+def current_device() -> str:
+    """As ``torch.cpu.current_device``: the device itself, usable as ``device=``."""
+    return "cpu"
 
 
 def set_device(device_index) -> None:

@@ -44,8 +44,9 @@ class PlatformCPU(PlatformBase):
         # Never auto-detected: only an explicit VERL_PLATFORM=cpu selects it.
         return False
 
-    def current_device(self) -> int:
-        return 0
+    def current_device(self) -> str:
+        # verl passes this as ``device=`` to torch; an int would mean an accelerator index.
+        return "cpu"
 
     def device_count(self) -> int:
         return 1

@@ -4,3 +4,4 @@ Importing registers the `tip_opd` advantage estimator and the `tip_sync` V1 trai
 """
 
 from tip_verl.verl_ext import estimator, trainer  # noqa: F401  (registration on import)
+from tip_verl.verl_ext import losses  # noqa: F401,E402  (registers the tip_* distillation losses)

@@ -1,0 +1,211 @@
+"""Tensor math of the TIP loss route: which per-token distillation losses count, and with what weight.
+
+The loss route back-propagates a per-token divergence (a sampled-token KL estimate, or forward KL over the
+teacher's top-k) on the tokens TIP selects, averaged over those tokens (the paper's 1/|T|). verl computes
+the per-token losses and aggregates them with `agg_loss` over the response mask; this module supplies the
+mask and the weights that turn that aggregate into a mean over the selected tokens. No verl import here.
+
+Shapes: B rollouts of the micro-batch, T response positions (right-padded), K teacher top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from tip_verl.core.schedule import check_schedule
+from tip_verl.core.selection import SelectionInputs, selection_budget, select_tokens
+
+ENTROPY_RULES = ("entropy", "entropy_sample", "soft_or", "q3")
+ROUTE_DROP = "none"
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class TipLossConfig:
+    """Settings of the loss route, read from `algorithm.tip_loss` (selection itself is `algorithm.tip`).
+
+    correct_loss / wrong_loss: TRACE outcome routing. null: every rollout gets the loss_mode's own divergence;
+        a divergence name: rollouts with that outcome get it instead (estimator route: verl's kl_penalty names
+        kl, k1, abs, mse, k2, low_var_kl, k3; top-k route: forward_kl_topk); "none": those rollouts get no
+        distillation term at all.
+    score_field: micro-batch field holding each rollout's outcome score, per token (summed over the response).
+    correct_threshold: a rollout is correct when its score is > this.
+    teacher_entropy_tau: entropy gate of `tip_entropy_aware_topk`, in nats; the forward KL counts only where
+        the teacher's entropy over its renormalised top-k is >= tau.
+    schedule, warmup_steps, anneal_steps, final_coef: the teacher-coefficient schedule (tip_verl.core.schedule).
+    """
+
+    correct_loss: Optional[str] = None
+    wrong_loss: Optional[str] = None
+    score_field: str = "rm_scores"
+    correct_threshold: float = 0.0
+    teacher_entropy_tau: float = 0.8
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    anneal_steps: int = 0
+    final_coef: float = 0.0
+
+    def __post_init__(self):
+        for name in ("correct_loss", "wrong_loss"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(f"algorithm.tip_loss.{name}={value!r} must be null, 'none' or a divergence name.")
+        if not isinstance(self.score_field, str) or not self.score_field:
+            raise ValueError(f"algorithm.tip_loss.score_field={self.score_field!r} must be a field name, e.g. rm_scores.")
+        for name in ("correct_threshold", "teacher_entropy_tau"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"algorithm.tip_loss.{name}={value!r} must be a finite number.")
+        if self.teacher_entropy_tau < 0:
+            raise ValueError(f"algorithm.tip_loss.teacher_entropy_tau={self.teacher_entropy_tau} must be >= 0 nats.")
+        check_schedule(self.schedule, self.warmup_steps, self.anneal_steps, self.final_coef)
+
+    @property
+    def routes_by_outcome(self) -> bool:
+        return self.correct_loss is not None or self.wrong_loss is not None
+
+    def check_divergences(self, allowed: tuple, route: str) -> None:
+        """Raise if a routed divergence is not one of `allowed` (or 'none') on this route."""
+        for name in ("correct_loss", "wrong_loss"):
+            value = getattr(self, name)
+            if value is not None and value != ROUTE_DROP and value not in allowed:
+                raise ValueError(
+                    f"algorithm.tip_loss.{name}={value!r} cannot run on the {route} route; "
+                    f"set null, '{ROUTE_DROP}' or one of {list(allowed)}."
+                )
+
+    @classmethod
+    def from_any(cls, config: Any) -> "TipLossConfig":
+        """Build from None, a TipLossConfig or a plain mapping (dict / DictConfig converted by the caller)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"algorithm.tip_loss must be a mapping, got {type(config).__name__}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} in algorithm.tip_loss; valid keys are {sorted(fields)}.")
+        return cls(**dict(config))
+
+
+def check_loss_inputs(response_mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Raise on a per-token loss input (B, T) that is misshapen or NaN/inf at a response token."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.shape[:2] != response_mask.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but the response mask has {tuple(response_mask.shape)}; "
+                "both must be aligned to the response tokens (batch, response_length)."
+            )
+        mask = response_mask.bool().reshape(*response_mask.shape, *[1] * (tensor.dim() - 2))
+        bad = ~torch.isfinite(tensor.detach()) & mask
+        if bad.any():
+            raise ValueError(
+                f"{name} has {int(bad.sum())} NaN/inf value(s) at response tokens: check the model dtype and the "
+                "teacher's log-probs (distillation.distillation_loss.log_prob_min_clamp bounds -inf log-probs)."
+            )
+
+
+def teacher_topk_entropy(teacher_topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the teacher's distribution renormalised over its top-k. (B, T, K) -> (B, T)."""
+    dtype = torch.promote_types(teacher_topk_logprobs.dtype, torch.float32)
+    log_p = torch.log_softmax(teacher_topk_logprobs.to(dtype), dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def rollout_correct(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Outcome of each rollout from its per-token scores (B, T), summed over the response: bool (B,)."""
+    return scores.float().sum(dim=-1) > threshold
+
+
+def route_by_outcome(
+    correct: torch.Tensor, correct_losses: Optional[torch.Tensor], wrong_losses: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (B, T) of each rollout's own route, and bool (B,) rollouts that keep a term.
+
+    correct: bool (B,); correct_losses / wrong_losses: (B, T), or None when that outcome gets no term.
+    """
+    if correct_losses is None and wrong_losses is None:
+        raise ValueError("Both algorithm.tip_loss.correct_loss and wrong_loss are 'none': no distillation term left.")
+    reference = correct_losses if correct_losses is not None else wrong_losses
+    zeros = torch.zeros_like(reference)
+    losses = torch.where(
+        correct.unsqueeze(-1),
+        correct_losses if correct_losses is not None else zeros,
+        wrong_losses if wrong_losses is not None else zeros,
+    )
+    keep = torch.where(correct, correct_losses is not None, wrong_losses is not None)
+    return losses, keep
+
+
+def tip_loss_mask(
+    rule: str,
+    ratio: float,
+    eligible: torch.Tensor,
+    divergence: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    entropy_quantile: float,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Tokens whose distillation loss counts: the TIP selection among the eligible tokens. bool (B, T).
+
+    eligible: bool (B, T), response tokens still in play (after outcome routing and the entropy gate);
+    divergence: (B, T) per-token loss, the divergence axis of the rules; entropy: (B, T) student entropy in
+    nats, or None (then only rules all, random, divergence can run). Each rollout keeps
+    max(1, floor(ratio * eligible_i)) of its eligible tokens.
+    """
+    if entropy is None and rule in ENTROPY_RULES:
+        raise ValueError(
+            f"algorithm.tip.rule={rule} needs the student's per-token entropy, which is not in the model output: "
+            "set actor_rollout_ref.actor.calculate_entropy=true so verl computes it in the update forward pass. "
+            "Without it only the rules all, random and divergence can run on the loss route."
+        )
+    eligible = eligible.bool()
+    if not eligible.any():
+        return eligible.clone()
+    budget = selection_budget(eligible, ratio)
+    if torch.equal(budget, eligible.sum(dim=-1)):  # every eligible token fits the budget: nothing to rank
+        return eligible.clone()
+    inputs = SelectionInputs(
+        response_mask=eligible,
+        entropy=entropy.detach().float() if entropy is not None else None,
+        divergence=divergence.detach().float(),
+        entropy_quantile=entropy_quantile,
+        generator=generator,
+    )
+    return select_tokens(rule, ratio, inputs)
+
+
+def selected_token_weights(
+    selected: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Weights (B, T), of `dtype`, that make verl's `agg_loss(loss * w, response_mask, mode)` a mean over selected tokens.
+
+    token-mean: agg_loss divides by the response tokens; w = selected * m / s with m response and s selected
+        tokens of the micro-batch, so each micro-batch contributes its mean over selected tokens, weighted by
+        its share of the response tokens as before (exactly 1/|T| when the micro-batch is the whole batch).
+    seq-mean-token-mean: w = selected * m_i / s_i per rollout: each rollout's mean over its selected tokens.
+    token-sum, seq-mean-token-sum(-norm): sums by definition; w = selected (dropped tokens leave the sum).
+    Rollouts or micro-batches with no selected token get weight 0.
+    """
+    selected = selected.bool() & response_mask.bool()
+    if loss_agg_mode == "token-mean":
+        scale = response_mask.bool().sum().double() / selected.sum().clamp_min(1)
+        return (selected.double() * scale).to(dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        scale = response_mask.bool().sum(dim=-1).double() / selected.sum(dim=-1).clamp_min(1)
+        return (selected.double() * scale.unsqueeze(-1)).to(dtype)
+    if loss_agg_mode in LOSS_AGG_MODES:
+        return selected.to(dtype)
+    raise ValueError(
+        f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode!r} is not known to the TIP loss route; "
+        f"set one of {list(LOSS_AGG_MODES)}."
+    )

@@ -1,0 +1,56 @@
+"""Registrations into verl's own registries for CPU mode (no source patch)."""
+
+from verl.plugin.platform import set_platform
+
+HF_ROLLOUT_NAME = "hf"
+HF_ADAPTER_FQN = "tip_verl.cpu.hf_adapter.HFServerAdapter"
+
+
+def register_platform() -> None:
+    """Make the ``cpu`` platform the current one in this process.
+
+    ``import verl`` resolves a platform before plugins load (to ``nvidia`` on a
+    machine without GPU), so this replaces it; it must run before modules that
+    cache the device name at import (the FSDP engine) are imported. We do not
+    set ``VERL_PLATFORM``: child processes would then fail in ``import verl``,
+    which resolves the platform before our plugin has registered ``cpu``.
+    """
+    from tip_verl.cpu.platform import PlatformCPU
+
+    set_platform(PlatformCPU())
+
+
+def _register_engine(model_type: str, engine_cls) -> None:
+    from verl.workers.engine.base import EngineRegistry
+
+    registry = EngineRegistry._engines.get(model_type, {})
+    backends = [backend for backend in ("fsdp", "fsdp2") if "cpu" not in registry.get(backend, {})]
+    if backends:
+        EngineRegistry.register(model_type=model_type, backend=backends, device="cpu")(engine_cls)
+
+
+def register_engines() -> None:
+    """Register verl's FSDP/FSDP2 engines (actor and critic) for the ``cpu`` device.
+
+    They are registered for ``cuda``/``npu`` only, but go through the platform
+    layer for everything device-specific, so they run on the CPU as they are.
+    """
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    _register_engine("language_model", FSDPEngineWithLMHead)
+    _register_engine("value_model", FSDPEngineWithValueHead)
+
+
+def _load_hf_replica():
+    from tip_verl.cpu.hf_replica import HFReplica
+
+    return HFReplica
+
+
+def register_hf_rollout() -> None:
+    """Register the ``hf`` rollout: ``actor_rollout_ref.rollout.name=hf`` (also for teachers)."""
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT_NAME, "async")] = HF_ADAPTER_FQN
+    RolloutReplicaRegistry.register(HF_ROLLOUT_NAME, _load_hf_replica)

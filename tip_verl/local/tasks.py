@@ -1,0 +1,134 @@
+"""Synthetic, verifiable tasks behind a registry: a prompt, a reference response, and a checker (the reward).
+
+A problem is a tuple of ints. Problems whose hash falls in the held-out bucket are never sampled for training,
+so the greedy evaluation runs on problems neither model saw.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+from tip_verl.local.tokenizer import CharTokenizer
+
+Problem = tuple[int, ...]
+HELDOUT_BUCKETS = 20  # one problem in 20 is held out
+
+
+@dataclass(frozen=True)
+class Task:
+    """A verifiable task.
+
+    name: registry key. alphabet: every character prompts and responses use.
+    max_new_tokens: generation budget, enough for the longest reference response plus EOS.
+    draw: a random problem. prompt / solution: the texts of a problem (solution: the reference response
+    the teacher learns, without EOS). answer: the string the checker expects at the end of the response.
+    """
+
+    name: str
+    alphabet: str
+    max_new_tokens: int
+    draw: Callable[[random.Random], Problem]
+    prompt: Callable[[Problem], str]
+    solution: Callable[[Problem], str]
+    answer: Callable[[Problem], str]
+    answer_separator: str
+
+    def check(self, problem: Problem, response: str) -> float:
+        """Outcome reward: 1.0 if the text after the last answer separator is the right answer, else 0.0."""
+        if self.answer_separator not in response:
+            return 0.0
+        return float(response.rsplit(self.answer_separator, 1)[1] == self.answer(problem))
+
+    def tokenizer(self) -> CharTokenizer:
+        return CharTokenizer(self.alphabet)
+
+    def sample(self, rng: random.Random) -> Problem:
+        """A training problem (never a held-out one)."""
+        while True:
+            problem = self.draw(rng)
+            if not is_heldout(problem):
+                return problem
+
+    def heldout(self, n: int, seed: int = 12345) -> list[Problem]:
+        """`n` distinct held-out problems, the same for every run of a given seed."""
+        rng, found = random.Random(seed), {}
+        while len(found) < n:
+            problem = self.draw(rng)
+            if is_heldout(problem):
+                found[problem] = None
+        return list(found)
+
+
+def is_heldout(problem: Problem) -> bool:
+    return zlib.crc32(repr(problem).encode()) % HELDOUT_BUCKETS == 0
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
+    return TASKS[name]
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """Digits of n, least significant first, `width` of them."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def addition_scratchpad(width: int) -> Task:
+    """`width`-digit addition with a column-by-column scratchpad, then the sum.
+
+    "0482+3596=" -> "2+6+0=8,8+9+0=17,4+5+1=10,0+3+1=4;4078". Most tokens copy a digit of the prompt or
+    the previous carry; the decisive ones are the column sums and the answer read back from them.
+    """
+
+    def solution(p: Problem) -> str:
+        a, b = p
+        carry, steps = 0, []
+        for x, y in zip(_digits(a, width), _digits(b, width)):
+            steps.append(f"{x}+{y}+{carry}={x + y + carry}")
+            carry = (x + y + carry) // 10
+        return ",".join(steps) + ";" + str(a + b)
+
+    return Task(
+        name=f"add{width}_scratch",
+        alphabet="0123456789+=,;",
+        max_new_tokens=len(solution((10**width - 1, 10**width - 1))) + 1,
+        draw=lambda rng: (rng.randrange(10**width), rng.randrange(10**width)),
+        prompt=lambda p: f"{p[0]:0{width}d}+{p[1]:0{width}d}=",
+        solution=solution,
+        answer=lambda p: str(p[0] + p[1]),
+        answer_separator=";",
+    )
+
+
+def addition_reversed(width: int) -> Task:
+    """`width`-digit addition, the sum written least significant digit first: "482+596=" -> ";8701".
+
+    Short responses (width + 2 tokens with the EOS): fast, and easy for every method.
+    """
+    return Task(
+        name=f"add{width}_reversed",
+        alphabet="0123456789+=;",
+        max_new_tokens=width + 3,
+        draw=lambda rng: (rng.randrange(10**width), rng.randrange(10**width)),
+        prompt=lambda p: f"{p[0]:0{width}d}+{p[1]:0{width}d}=",
+        solution=lambda p: ";" + str(p[0] + p[1])[::-1],
+        answer=lambda p: str(p[0] + p[1])[::-1],
+        answer_separator=";",
+    )
+
+
+register_task(addition_scratchpad(4))
+register_task(addition_reversed(3))
+DEFAULT_TASK = "add4_scratch"

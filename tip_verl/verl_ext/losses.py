@@ -1,0 +1,261 @@
+"""The TIP loss route: distillation losses registered with verl's `register_distillation_loss`.
+
+Select one with `distillation.distillation_loss.loss_mode`:
+  tip_<estimator> (tip_k3, tip_low_var_kl, tip_k2, tip_mse, tip_abs, tip_k1, tip_kl): verl's sampled-token
+      KL estimate (`kl_penalty`, as loss_mode=<estimator>), kept on the TIP-selected tokens only;
+  tip_forward_kl_topk: verl's forward KL over the teacher's top-k (as loss_mode=forward_kl_topk), same mask;
+  tip_entropy_aware_topk: the same forward KL, only where the teacher's entropy over its renormalised top-k
+      is >= algorithm.tip_loss.teacher_entropy_tau, then the TIP mask.
+verl then aggregates the returned (bsz, response_length) losses (`distillation_loss`, agg_loss over the
+response mask) and adds coef x that to the task loss (`distillation_ppo_loss`); the weights returned here
+make that aggregate a mean over the selected tokens and apply the teacher-coefficient schedule.
+
+Settings reach the loss with the micro-batch: verl's actor worker never sees the `algorithm` section, so the
+`tip_sync` trainer puts `loss_route_settings(config, global_steps)` in the batch's extra_info before the
+actor update, and verl hands extra_info to every micro-batch as non-tensor data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+from verl.trainer.distillation import losses as verl_losses
+from verl.trainer.distillation.losses import DistillationLossSettings, register_distillation_loss
+from verl.trainer.ppo.core_algos import kl_penalty
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import no_padding_2_padding
+
+from tip_verl.core.config import TipConfig
+from tip_verl.core.distill_losses import (
+    ENTROPY_RULES,
+    ROUTE_DROP,
+    TipLossConfig,
+    check_loss_inputs,
+    rollout_correct,
+    route_by_outcome,
+    selected_token_weights,
+    teacher_topk_entropy,
+    tip_loss_mask,
+)
+from tip_verl.core.schedule import teacher_coef_multiplier
+
+TIP_PREFIX = "tip_"
+ESTIMATOR_NAMES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl's estimator losses (losses.py:371)
+TOPK_NAMES = ("forward_kl_topk",)
+ENTROPY_AWARE_TOPK = "tip_entropy_aware_topk"
+ESTIMATOR_LOSSES = tuple(TIP_PREFIX + name for name in ESTIMATOR_NAMES)
+TOPK_LOSSES = (TIP_PREFIX + "forward_kl_topk", ENTROPY_AWARE_TOPK)
+SETTINGS_KEY = "tip_loss_route"
+_generators: dict[int, torch.Generator] = {}
+
+
+def _plain(section: Any) -> Any:
+    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+
+
+def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
+    """Validate `algorithm.tip`, `algorithm.tip_loss` and, for a tip_* loss_mode, its verl settings.
+
+    config: the whole trainer config (DictConfig or nested dicts). Returns the two typed sections.
+    """
+    algorithm = config["algorithm"]
+    tip = TipConfig.from_any(_plain(algorithm.get("tip")) or {})
+    tip_loss = TipLossConfig.from_any(_plain(algorithm.get("tip_loss")))
+    distillation = config.get("distillation") or {}
+    loss_config = distillation.get("distillation_loss") or {}
+    loss_mode = loss_config.get("loss_mode", "")
+    if distillation.get("enabled") and loss_mode.startswith(TIP_PREFIX):
+        _check_loss_config(loss_mode, loss_config, tip_loss)
+        actor = (config.get("actor_rollout_ref") or {}).get("actor") or {}
+        if tip.rule in ENTROPY_RULES and not (actor.get("calculate_entropy") or actor.get("entropy_coeff")):
+            raise ValueError(
+                f"algorithm.tip.rule={tip.rule} on the loss route needs the student's entropy in the update "
+                "forward pass: set actor_rollout_ref.actor.calculate_entropy=true."
+            )
+    return tip, tip_loss
+
+
+def _check_loss_config(loss_mode: str, loss_config: Any, tip_loss: TipLossConfig) -> None:
+    if loss_mode in ESTIMATOR_LOSSES:
+        tip_loss.check_divergences(ESTIMATOR_NAMES, "estimator (sampled-token)")
+    elif loss_mode in TOPK_LOSSES:
+        tip_loss.check_divergences(TOPK_NAMES, "top-k")
+    else:
+        raise ValueError(
+            f"distillation.distillation_loss.loss_mode={loss_mode!r} is not a TIP loss; "
+            f"set one of {list(ESTIMATOR_LOSSES + TOPK_LOSSES)}."
+        )
+    if loss_config.get("loss_max_clamp") is not None:
+        raise ValueError(
+            "TIP losses need distillation.distillation_loss.loss_max_clamp=null: verl clamps the returned losses "
+            "after the TIP weights (up to 1/ratio) are applied, which would cut the selected tokens' losses."
+        )
+    signed = {"k1", "kl"} & {loss_mode[len(TIP_PREFIX) :], tip_loss.correct_loss, tip_loss.wrong_loss}
+    if signed and not loss_config.get("use_policy_gradient", False):
+        raise ValueError(
+            f"The k1/kl estimate ({sorted(signed)}) has no teacher in its gradient when back-propagated directly: "
+            "set distillation.distillation_loss.use_policy_gradient=true or pick k3/low_var_kl/k2."
+        )
+
+
+def loss_route_settings(config: Any, global_steps: int) -> dict:
+    """What the trainer adds to the actor-update batch's extra_info: {SETTINGS_KEY: plain dict}.
+
+    config: the whole trainer config; global_steps: verl's 1-based step counter of the update.
+    """
+    tip, tip_loss = check_loss_route(config)
+    return {
+        SETTINGS_KEY: {"tip": dataclasses.asdict(tip), "tip_loss": dataclasses.asdict(tip_loss), "step": global_steps - 1}
+    }
+
+
+def _read_settings(data: TensorDict) -> tuple[TipConfig, TipLossConfig, int]:
+    settings = tu.get_non_tensor_data(data=data, key=SETTINGS_KEY, default=None)
+    if settings is None:
+        raise ValueError(
+            "TIP losses (distillation.distillation_loss.loss_mode=tip_*) read algorithm.tip and algorithm.tip_loss "
+            "from the micro-batch, where they are missing: use trainer.use_v1=true trainer.v1.trainer_mode=tip_sync, "
+            f"whose trainer sends them with each actor update (extra_info['{SETTINGS_KEY}'])."
+        )
+    return TipConfig.from_any(settings["tip"]), TipLossConfig.from_any(settings["tip_loss"]), int(settings["step"])
+
+
+def _response_mask(data: TensorDict) -> torch.Tensor:
+    mask = data["response_mask"]
+    return (mask.to_padded_tensor(0) if mask.is_nested else mask).bool()
+
+
+def _rollout_scores(data: TensorDict, field: str, response_mask: torch.Tensor) -> torch.Tensor:
+    """The rollouts' per-token scores (bsz, response_length) from the micro-batch field `field`."""
+    if field not in data.keys():
+        raise ValueError(
+            f"Outcome routing (algorithm.tip_loss.correct_loss / wrong_loss) reads each rollout's score from the "
+            f"micro-batch field {field!r}, which is not there; fields present: {sorted(data.keys())}. "
+            "Set algorithm.tip_loss.score_field to one of them, or unset correct_loss and wrong_loss."
+        )
+    scores = data[field]
+    scores = scores.to_padded_tensor(0.0) if scores.is_nested else scores
+    if scores.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"{field} holds {scores.shape[0]} rollouts but the micro-batch has {response_mask.shape[0]}.")
+    return scores.reshape(scores.shape[0], -1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    """One generator per seed per process, offset by the distributed rank so data-parallel ranks differ."""
+    if seed not in _generators:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        _generators[seed] = torch.Generator().manual_seed(seed + rank)
+    return _generators[seed]
+
+
+def apply_tip(
+    settings: tuple[TipConfig, TipLossConfig, int],
+    config: Any,
+    model_output: dict,
+    data: TensorDict,
+    own_losses: torch.Tensor,
+    divergence: Callable[[str], torch.Tensor],
+    gate: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Route, gate, select and weight per-token distillation losses.
+
+    settings: (algorithm.tip, algorithm.tip_loss, 0-based step) read from the micro-batch;
+    config: verl's ActorConfig (loss_agg_mode); model_output: may hold `entropy` (nested, whole sequence);
+    data: the micro-batch; own_losses: (bsz, response_length) the loss_mode's per-token losses;
+    divergence(name): (bsz, response_length) per-token losses of another divergence (outcome routing);
+    gate: bool (bsz, response_length) tokens allowed in, or None.
+    Returns weighted per-token losses (bsz, response_length) for verl's aggregation, and metrics.
+    """
+    tip, tip_loss, step = settings
+    response_mask = _response_mask(data)
+    metrics: dict[str, Any] = {}
+    losses, eligible = own_losses, response_mask
+    if tip_loss.routes_by_outcome:
+        correct = rollout_correct(_rollout_scores(data, tip_loss.score_field, response_mask), tip_loss.correct_threshold)
+
+        def route(name: Optional[str]) -> Optional[torch.Tensor]:
+            return None if name == ROUTE_DROP else own_losses if name is None else divergence(name)
+
+        losses, keep = route_by_outcome(correct, route(tip_loss.correct_loss), route(tip_loss.wrong_loss))
+        eligible = eligible & keep.unsqueeze(-1)
+        metrics["tip_loss/correct_fraction"] = correct.float().mean().item()
+    if gate is not None:
+        eligible = eligible & gate
+        metrics["tip_loss/gate_fraction"] = (gate & response_mask).sum().item() / max(int(response_mask.sum()), 1)
+    entropy = model_output.get("entropy")
+    entropy = no_padding_2_padding(entropy, data) if entropy is not None else None
+    check_loss_inputs(response_mask, distillation_losses=losses, entropy=entropy)
+    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, _generator(tip.seed))
+    multiplier = teacher_coef_multiplier(
+        step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
+    )
+    weights = selected_token_weights(selected, response_mask, config.loss_agg_mode, losses.dtype) * multiplier
+    n_selected = int(selected.sum())
+    metrics["tip_loss/selected_fraction"] = n_selected / max(int(response_mask.sum()), 1)
+    metrics["tip_loss/coef_multiplier"] = multiplier
+    metrics["tip_loss/selected_loss_mean"] = (losses.detach() * selected).sum().item() / max(n_selected, 1)
+    return losses * weights, metrics
+
+
+@register_distillation_loss(DistillationLossSettings(names=list(ESTIMATOR_LOSSES), use_estimator=True))  # type: ignore[arg-type]
+def compute_tip_estimator_loss(
+    config: Any, distillation_config: Any, model_output: dict, data: TensorDict
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's sampled-token KL estimate (kl_penalty) on the TIP-selected tokens. Returns (bsz, response_length).
+
+    model_output["log_probs"]: nested (bsz, seq) student log pS(y_t); data["teacher_logprobs"]: nested
+    (bsz, seq, 1) teacher log pT(y_t); both cut to the response here as in verl's own estimator loss.
+    """
+    loss_config = distillation_config.distillation_loss
+    settings = _read_settings(data)
+    _check_loss_config(loss_config.loss_mode, loss_config, settings[1])
+    if model_output.get("log_probs") is None or "teacher_logprobs" not in data.keys():
+        raise ValueError(
+            "The TIP estimator loss needs the student's log_probs and the teacher's teacher_logprobs in the "
+            "micro-batch: enable the teacher (distillation.enabled=true, distillation.teacher_models.*)."
+        )
+    student = no_padding_2_padding(model_output["log_probs"], data)
+    teacher = no_padding_2_padding(data["teacher_logprobs"], data)
+    if teacher.dim() == 3 and teacher.shape[-1] != 1:
+        raise ValueError(
+            f"teacher_logprobs has top-{teacher.shape[-1]} log-probs, but {loss_config.loss_mode} needs the sampled "
+            "token's: use a top-k loss_mode (tip_forward_kl_topk) or an estimator loss_mode without top-k."
+        )
+    teacher = teacher.reshape(student.shape)
+    check_loss_inputs(_response_mask(data), student_log_probs=student, teacher_log_probs=teacher)
+
+    def divergence(name: str) -> torch.Tensor:
+        return kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
+
+    own = divergence(loss_config.loss_mode[len(TIP_PREFIX) :])
+    return apply_tip(settings, config, model_output, data, own, divergence)
+
+
+@register_distillation_loss(DistillationLossSettings(names=list(TOPK_LOSSES), use_topk=True))  # type: ignore[arg-type]
+def compute_tip_topk_loss(
+    config: Any, distillation_config: Any, model_output: dict, data: TensorDict
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's top-k forward KL on the TIP-selected (and, for tip_entropy_aware_topk, gated) tokens.
+
+    model_output["distillation_losses"]: nested (bsz, seq), written by verl's top-k logits processor;
+    data["teacher_logprobs"]: nested (bsz, seq, K). Returns (bsz, response_length).
+    """
+    loss_config = distillation_config.distillation_loss
+    settings = _read_settings(data)
+    _check_loss_config(loss_config.loss_mode, loss_config, settings[1])
+    losses, metrics = verl_losses.compute_forward_kl_topk(config, distillation_config, model_output, data)
+    gate = None
+    if loss_config.loss_mode == ENTROPY_AWARE_TOPK:
+        teacher_topk = no_padding_2_padding(data["teacher_logprobs"], data)
+        gate = teacher_topk_entropy(teacher_topk) >= settings[1].teacher_entropy_tau
+
+    def divergence(name: str) -> torch.Tensor:
+        return losses  # forward_kl_topk is the only divergence of the top-k route
+
+    weighted, tip_metrics = apply_tip(settings, config, model_output, data, losses, divergence, gate)
+    metrics.update(tip_metrics)
+    return weighted, metrics
