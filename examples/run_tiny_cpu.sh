@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Tiny end-to-end run of verl's own trainer (python -m verl.trainer.main_ppo, V1 trainer) on CPU.
 #
-# What it runs: GRPO on a tiny Llama-style student (random init, built from a config)
-# on a one-word addition task with a rule-based reward, through tip-verl's CPU mode
-# (TIP_VERL_CPU=1): FSDP2 trainer on 2 gloo ranks, an `hf` rollout server per rank
-# with weight sync from the trainer after every step, validation, checkpoints.
-# With TEACHER=1 (default) it adds on-policy distillation through verl's own teacher path
-# (distillation.enabled=true, a tiny teacher served by the `hf` backend).
+# What it runs: tip_opd (TIP token selection + GRPO, trainer.v1.trainer_mode=tip_sync) on a tiny
+# Llama-style student (random init, built from a config) on a one-word addition task with a
+# rule-based reward, through tip-verl's CPU mode (TIP_VERL_CPU=1): FSDP2 trainer on 2 gloo ranks,
+# a reference model, an `hf` rollout server per rank with weight sync from the trainer after every
+# step, teacher log-probs through verl's own distillation teacher path (distillation.enabled=true,
+# a tiny teacher served by the `hf` backend), validation, checkpoints, resume.
 # Tokenizer, models and data are built locally and cached in $TINY_DIR (nothing is downloaded).
 #
-# How long: ~2-4 min on 2 CPU cores for the default 3 steps (first step ~1 min: process start-up).
+# How long: ~1.5-2 min on 2 idle CPU cores for the default 3 steps: ~1 min of process start-up,
+# ~15 s for the first step, ~3 s for each later one.
 #
 # Usage: bash examples/run_tiny_cpu.sh [extra hydra overrides...]
-#   TEACHER=0                       plain GRPO, no teacher
+#   ALGO=grpo                       plain GRPO instead of tip_opd (still with the teacher if TEACHER=1)
+#   TEACHER=0                       no teacher (needs ALGO=grpo)
 #   TINY_DIR=... OUT_DIR=...        cache of the tiny world / run outputs (checkpoints, metrics)
 #   e.g. trainer.total_training_steps=5, trainer.resume_mode=disable
 set -xeuo pipefail
@@ -21,10 +23,13 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TINY_DIR=${TINY_DIR:-${HOME}/.cache/tip_verl/tiny_cpu}
 OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/tiny_cpu}
 TEACHER=${TEACHER:-1}
+ALGO=${ALGO:-tip_opd}
 N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one hf rollout server each
 
 export TIP_VERL_CPU=1                        # switches tip-verl's CPU mode on (platform, engine, hf rollout)
-export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin   # CPU mode even without the installed entry point
+# Load tip-verl in every verl process even when the package's verl.plugins entry point is not
+# installed (e.g. a source checkout); CPU mode first, as our entry point does.
+export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
 export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
@@ -59,6 +64,7 @@ ACTOR=(
     actor_rollout_ref.actor.use_kl_loss=true   # exercises the reference model too
     actor_rollout_ref.actor.kl_loss_coef=0.001
     actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8
+    +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
     actor_rollout_ref.actor.fsdp_config.param_offload=false
     actor_rollout_ref.actor.fsdp_config.optimizer_offload=false
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
@@ -94,8 +100,18 @@ if [[ "${TEACHER}" == "1" ]]; then
     )
 fi
 
+ALGORITHM=(algorithm.adv_estimator=grpo)
+if [[ "${ALGO}" == "tip_opd" ]]; then
+    [[ "${TEACHER}" == "1" ]] || { echo "ALGO=tip_opd needs the teacher (TEACHER=1)" >&2; exit 1; }
+    ALGORITHM=(
+        algorithm.adv_estimator=tip_opd
+        trainer.v1.trainer_mode=tip_sync
+        +algorithm.tip.rule=soft_or
+        +algorithm.tip.ratio=0.5
+    )
+fi
+
 TRAINER=(
-    algorithm.adv_estimator=grpo
     trainer.use_v1=true
     trainer.device=cpu
     trainer.n_gpus_per_node="${N_PROCS}"
@@ -113,7 +129,8 @@ TRAINER=(
     +ray_kwargs.ray_init.num_gpus=4         # logical slots: one per trainer rank / teacher replica (nothing runs on a GPU)
     ray_kwargs.ray_init.num_cpus=16         # logical: verl's placement bundles ask for several CPUs each
     +ray_kwargs.ray_init.address=local      # always a fresh private Ray cluster, never someone else's
+    hydra.run.dir="${OUT_DIR}/hydra"        # hydra's own logs, not in the working directory
 )
 
 python3 -m verl.trainer.main_ppo \
-    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${TRAINER[@]}" "$@"
+    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${ALGORITHM[@]}" "${TRAINER[@]}" "$@"

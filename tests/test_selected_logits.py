@@ -1,4 +1,12 @@
-"""Selected-token LM head vs. the full-vocabulary computation masked to the same tokens."""
+"""Selected-token LM head vs. the full-vocabulary computation masked to the same tokens,
+and the verl 0.9.1 patch that routes the actor's log-probs through it."""
+
+import importlib.metadata
+import importlib.util
+import pathlib
+import py_compile
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -154,6 +162,25 @@ def test_only_one_output_in_the_loss(use):
     torch.testing.assert_close(got[1], weight.grad)
 
 
+def test_under_autocast_like_the_fsdp_engine():
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(1, 12, 16, generator=g, requires_grad=True)
+    weight = torch.randn(30, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 30, (1, 12), generator=g)
+    selected = torch.rand(1, 12, generator=g) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = selected_token_logprobs(hidden, weight, selected, targets, chunk_size=2)
+        ref = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    logp.sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (ref * selected).sum().backward()
+    torch.testing.assert_close(logp, ref[selected], rtol=1e-5, atol=1e-5)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], hidden.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], weight.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_chunk_larger_than_count_and_all_selected_equal_one_chunk():
     model = _tiny_llama()
     inp, targets, _, _, _ = _batch(1.0)
@@ -224,13 +251,6 @@ def test_scatter_rejects_count_mismatch():
 
 
 # --- the verl 0.9.1 patch (patches/verl-0.9.1-tip-selected-logprobs.patch) ---
-
-import importlib.metadata  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import py_compile  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 
 PATCH = pathlib.Path(__file__).resolve().parents[1] / "patches" / "verl-0.9.1-tip-selected-logprobs.patch"
 PATCHED_FILES = [
@@ -333,3 +353,29 @@ def test_patched_packing_helper_inverts_no_padding_2_padding(patched_verl):
     assert packed.shape == (int(attn.sum()),) and int(packed.sum()) == int(selected.sum())
     back = padding.no_padding_2_padding(packed, data)
     assert torch.equal(back.bool(), selected)
+
+
+def test_patched_packing_helper_with_nested_prompts_and_responses(patched_verl):
+    from tensordict import TensorDict
+
+    padding = _load(patched_verl / PATCHED_FILES[0], "patched_padding")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, V, (n,), generator=g) for n in (2, 4, 3)]
+    responses = [torch.randint(1, V, (n,), generator=g) for n in (5, 1, 3)]
+
+    def nested(xs):
+        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+
+    data = TensorDict(
+        {
+            "prompts": nested(prompts),
+            "responses": nested(responses),
+            "input_ids": nested([torch.cat([p, r]) for p, r in zip(prompts, responses)]),
+        },
+        batch_size=[3],
+    )
+    valid = torch.arange(5)[None, :] < torch.tensor([5, 1, 3])[:, None]
+    selected = (torch.rand(3, 5, generator=g) < 0.5) & valid
+    packed = padding.padding_2_no_padding_response(selected.long(), data)
+    assert packed.shape == (18,)
+    assert torch.equal(padding.no_padding_2_padding(packed, data).bool(), selected)

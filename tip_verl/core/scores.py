@@ -98,21 +98,21 @@ def minmax_normalize(
     where min-max has no meaning.
     """
     mask = response_mask.bool()
-    valid = values[mask].float()
-    if valid.numel() == 0:
+    if not mask.any():
         raise ValueError(f"No valid response token to normalise {name} over (response_mask is all zero).")
-    low, high = valid.min(), valid.max()
+    values = values.float()
+    low = values.masked_fill(~mask, math.inf).amin()
+    high = values.masked_fill(~mask, -math.inf).amax()
     if upper is not None and upper > low:
         high = torch.minimum(high, upper)
     if high <= low:
         raise ValueError(
-            f"Cannot min-max normalise {name}: all {valid.numel()} valid tokens have the same value "
+            f"Cannot min-max normalise {name}: all {int(mask.sum())} valid tokens have the same value "
             f"{low.item():.6g}, so it ranks no token above another. This happens when teacher and student "
             "are the same model (divergence 0) or entropy is constant; pick a rule that does not use this score "
             "(algorithm.tip.rule=random, entropy or all) or check the inputs."
         )
-    normalized = (values.float().clamp(max=high) - low) / (high - low)
-    return normalized.masked_fill(~mask, 0.0)
+    return values.clamp(max=high).sub_(low).div_(high - low).masked_fill_(~mask, 0.0)
 
 
 def soft_or_score(normalized_entropy_: torch.Tensor, normalized_divergence: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def _chunk_logits(
     Returns:
         (C, V) logits divided by ``temperature``, in float32 or wider.
     """
-    z = h @ weight.t()
+    z = h.to(weight.dtype) @ weight.t()
     if bias is not None:
         z = z + bias
     z = z.to(_compute_dtype(z.dtype))
@@ -83,6 +83,9 @@ class SelectedTokenLogProbs(torch.autograd.Function):
     def forward(ctx, h_sel, weight, bias, targets, chunk_size, temperature, return_entropy):
         # an output the loss does not use arrives as None in backward, not as zeros
         ctx.set_materialize_grads(False)
+        # backward recomputes the logits: under the same autocast state as here, or they differ
+        dev = h_sel.device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         n = h_sel.shape[0]
         cdt = _compute_dtype(torch.promote_types(h_sel.dtype, weight.dtype))
         logp = torch.empty(n, dtype=cdt, device=h_sel.device)
@@ -120,6 +123,7 @@ class SelectedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         h_sel, weight, bias, targets, lse, ent = ctx.saved_tensors
+        ac_dev, ac_dtype, ac_on = ctx.autocast
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         n = h_sel.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -135,7 +139,8 @@ class SelectedTokenLogProbs(torch.autograd.Function):
             grad_logp = torch.zeros(n, dtype=cdt, device=h_sel.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
+            with torch.autocast(device_type=ac_dev, dtype=ac_dtype, enabled=ac_on):
+                z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
             logq = z.sub_(lse[s:e, None])  # log-softmax, (C, V)
             g_lp = grad_logp[s:e].to(cdt)
             # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)

@@ -45,7 +45,7 @@ class HFReplica(RolloutReplica):
             .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
             .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
         )
-        await server.set_global_steps.remote(None)
+        await server.__ray_ready__.remote()  # model loaded before verl sends requests
         self.servers = [server]
         self._server_handle = server
         self._server_address = f"{name}"

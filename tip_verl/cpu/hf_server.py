@@ -62,7 +62,6 @@ class HFRolloutServer:
         self.generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
         self.ignore_weight_updates = bool((self.config.custom or {}).get(IGNORE_WEIGHT_UPDATES_KEY, False))
         self.global_steps: Optional[int] = None
-        self.weight_updates_applied = 0
 
     def _max_tokens(self, prompt_length: int, sampling_params: dict[str, Any]) -> int:
         budget = self.config.prompt_length + self.config.response_length - prompt_length
@@ -105,23 +104,22 @@ class HFRolloutServer:
         )
 
     async def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:
-        """Load full (unsharded) HF-named weights from the trainer; return how many tensors were loaded."""
+        """Load full (unsharded) HF-named weights from the trainer; return how many tensors were loaded.
+
+        The step tag follows the trainer even when the test switch drops the weights themselves.
+        """
+        if global_steps is not None:
+            self.global_steps = global_steps
         if self.ignore_weight_updates:
             logger.warning("hf rollout replica %d ignores a weight update (test switch)", self.replica_rank)
             return 0
         result = self.model.load_state_dict(named_tensors, strict=False)
         if result.unexpected_keys:
             raise KeyError(f"weights the rollout model does not have: {result.unexpected_keys[:5]}")
-        self.weight_updates_applied += 1
-        if global_steps is not None:
-            self.global_steps = global_steps
         return len(named_tensors)
 
     async def set_global_steps(self, global_steps: int) -> None:
         self.global_steps = global_steps
-
-    async def get_weight_updates_applied(self) -> int:
-        return self.weight_updates_applied
 
     async def abort_all_requests(self, reject_request: bool = False) -> dict[str, Any]:
         """Requests run to completion one at a time: there is never one to abort."""

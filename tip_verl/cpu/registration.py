@@ -35,8 +35,14 @@ def register_engines() -> None:
     They are registered for ``cuda``/``npu`` only, but go through the platform
     layer for everything device-specific, so they run on the CPU as they are.
     """
+    from verl.workers.engine.fsdp import transformer_impl
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
+    if transformer_impl.device_name != "cpu":
+        raise RuntimeError(
+            "verl's FSDP engine was imported before CPU mode was activated (it caches the device name at "
+            "import): call tip_verl.cpu.activate_if_requested() before importing verl's trainer or workers."
+        )
     _register_engine("language_model", FSDPEngineWithLMHead)
     _register_engine("value_model", FSDPEngineWithValueHead)
 
@@ -48,7 +54,11 @@ def _load_hf_replica():
 
 
 def register_hf_rollout() -> None:
-    """Register the ``hf`` rollout: ``actor_rollout_ref.rollout.name=hf`` (also for teachers)."""
+    """Register the ``hf`` rollout: ``actor_rollout_ref.rollout.name=hf`` (also for teachers).
+
+    The replica goes into verl's public ``RolloutReplicaRegistry``; the trainer-side adapter into
+    ``_ROLLOUT_REGISTRY``, the table ``get_rollout_class`` reads (verl 0.9.1 has no function to add to it).
+    """
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 

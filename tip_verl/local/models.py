@@ -35,8 +35,8 @@ class ModelSize:
         )
 
 
-TEACHER_SIZE = ModelSize(layers=4, hidden=128, heads=4)
-STUDENT_SIZE = ModelSize(layers=2, hidden=64, heads=2)
+TEACHER_SIZE = ModelSize(layers=3, hidden=96, heads=3)
+STUDENT_SIZE = ModelSize(layers=2, hidden=48, heads=2)
 
 
 def build_model(size: ModelSize, tokenizer: CharTokenizer, max_positions: int, seed: int) -> LlamaForCausalLM:

@@ -32,7 +32,7 @@ class SftPlan:
     stop_at: Optional[float]
 
 
-TEACHER_PLAN = SftPlan(max_steps=4000, lr=2e-3, batch_size=64, eval_every=250, eval_size=256, stop_at=0.99)
+TEACHER_PLAN = SftPlan(max_steps=4000, lr=2e-3, batch_size=64, eval_every=100, eval_size=256, stop_at=0.99)
 STUDENT_PLAN = SftPlan(max_steps=3000, lr=1e-3, batch_size=32, eval_every=25, eval_size=256, stop_at=0.15)
 
 

@@ -88,15 +88,16 @@ def _digits(n: int, width: int) -> list[int]:
 def addition_scratchpad(width: int) -> Task:
     """`width`-digit addition with a column-by-column scratchpad, then the sum.
 
-    "0482+3596=" -> "2+6+0=8,8+9+0=17,4+5+1=10,0+3+1=4;4078". Most tokens copy a digit of the prompt or
-    the previous carry; the decisive ones are the column sums and the answer read back from them.
+    "482+596=" -> "2+6=8,8+9=17,4+5+1=10;1078": each column from the least significant one, "+1" when the
+    previous column carried. Most tokens copy a digit of the prompt or a separator; the decisive ones are the
+    column sums, whether a carry is written, and the answer read back from the sums.
     """
 
     def solution(p: Problem) -> str:
         a, b = p
         carry, steps = 0, []
         for x, y in zip(_digits(a, width), _digits(b, width)):
-            steps.append(f"{x}+{y}+{carry}={x + y + carry}")
+            steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={x + y + carry}")
             carry = (x + y + carry) // 10
         return ",".join(steps) + ";" + str(a + b)
 
@@ -129,6 +130,6 @@ def addition_reversed(width: int) -> Task:
     )
 
 
-register_task(addition_scratchpad(4))
+register_task(addition_scratchpad(3))
 register_task(addition_reversed(3))
-DEFAULT_TASK = "add4_scratch"
+DEFAULT_TASK = "add3_scratch"

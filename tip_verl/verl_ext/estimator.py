@@ -10,17 +10,10 @@ from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register
 
 from tip_verl.core.advantages import mix_advantages, select_and_reward
 from tip_verl.core.config import TipConfig
+from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.step_context import current_step
 
 TIP_OPD = "tip_opd"
-_generators: dict[int, torch.Generator] = {}
-
-
-def _generator(seed: int) -> torch.Generator:
-    """One generator per seed per process: the random rules are deterministic given the seed and step order."""
-    if seed not in _generators:
-        _generators[seed] = torch.Generator().manual_seed(seed)
-    return _generators[seed]
 
 
 def _config_get(config: Any, key: str, default: Any) -> Any:
@@ -77,7 +70,7 @@ def compute_tip_opd_advantage(
         old_log_probs=old_log_probs,
         teacher_logprobs=teacher_logprobs,
         entropy=entropy,
-        generator=_generator(tip_config.seed),
+        generator=selection_generator(tip_config.seed),
     )
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,

@@ -42,6 +42,7 @@ from tip_verl.core.distill_losses import (
     tip_loss_mask,
 )
 from tip_verl.core.schedule import teacher_coef_multiplier
+from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
 ESTIMATOR_NAMES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl's estimator losses (losses.py:371)
@@ -50,7 +51,6 @@ ENTROPY_AWARE_TOPK = "tip_entropy_aware_topk"
 ESTIMATOR_LOSSES = tuple(TIP_PREFIX + name for name in ESTIMATOR_NAMES)
 TOPK_LOSSES = (TIP_PREFIX + "forward_kl_topk", ENTROPY_AWARE_TOPK)
 SETTINGS_KEY = "tip_loss_route"
-_generators: dict[int, torch.Generator] = {}
 
 
 def _plain(section: Any) -> Any:
@@ -144,14 +144,6 @@ def _rollout_scores(data: TensorDict, field: str, response_mask: torch.Tensor) -
     return scores.reshape(scores.shape[0], -1)
 
 
-def _generator(seed: int) -> torch.Generator:
-    """One generator per seed per process, offset by the distributed rank so data-parallel ranks differ."""
-    if seed not in _generators:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        _generators[seed] = torch.Generator().manual_seed(seed + rank)
-    return _generators[seed]
-
-
 def apply_tip(
     settings: tuple[TipConfig, TipLossConfig, int],
     config: Any,
@@ -189,7 +181,7 @@ def apply_tip(
     entropy = model_output.get("entropy")
     entropy = no_padding_2_padding(entropy, data) if entropy is not None else None
     check_loss_inputs(response_mask, distillation_losses=losses, entropy=entropy)
-    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, _generator(tip.seed))
+    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, selection_generator(tip.seed))
     multiplier = teacher_coef_multiplier(
         step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
     )

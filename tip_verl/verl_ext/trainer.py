@@ -21,6 +21,7 @@ from verl.workers.utils.padding import response_from_nested
 
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.verl_ext.estimator import TIP_OPD
+from tip_verl.verl_ext.losses import check_loss_route, loss_route_settings
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
 TIP_TRAINER_MODE = "tip_sync"
@@ -57,7 +58,12 @@ def sampled_token_teacher_logprobs(
 
 @register_trainer(TIP_TRAINER_MODE)
 class TipSyncTrainer(PPOTrainerSync):
-    """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs."""
+    """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs, and the
+    TIP loss route (distillation loss_mode=tip_*) fed its settings with every actor update."""
+
+    def __init__(self, config):
+        check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
+        super().__init__(config)
 
     @property
     def trainer_mode(self) -> str:
@@ -87,3 +93,8 @@ class TipSyncTrainer(PPOTrainerSync):
             batch = super()._compute_advantage(batch, metrics)
         metrics.update(tip_metrics(step.tokens, data["response_mask"].to_padded_tensor(0)))
         return batch
+
+    def _update_actor(self, batch, metrics: dict):
+        # verl's actor worker never sees `algorithm`; extra_info reaches every micro-batch of the update.
+        batch.extra_info.update(loss_route_settings(self.config, self.global_steps))
+        return super()._update_actor(batch, metrics)

@@ -1,0 +1,95 @@
+"""The embedded world's pieces: task checkers, the tokenizer, and the rollout's padding and EOS masks."""
+
+import random
+
+import torch
+
+from tip_verl.local.models import ModelSize, build_model
+from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
+from tip_verl.local.tasks import TASKS, get_task, is_heldout
+from tip_verl.local.tokenizer import CharTokenizer
+
+
+def test_scratchpad_solution_and_checker():
+    task = get_task("add3_scratch")
+    assert task.prompt((482, 596)) == "482+596="
+    assert task.solution((482, 596)) == "2+6=8,8+9=17,4+5+1=10;1078"
+    assert task.solution((7, 5)) == "7+5=12,0+0+1=1,0+0=0;12"
+    assert task.check((482, 596), "2+6=8,8+9=17,4+5+1=10;1078") == 1.0
+    assert task.check((482, 596), "wrong scratchpad;1078") == 1.0  # the reward reads the answer only
+    assert task.check((482, 596), "2+6=8,8+9=17,4+5+1=10;1079") == 0.0
+    assert task.check((482, 596), "2+6=8,8+9=17,4+5+1=10") == 0.0
+    assert task.check((482, 596), "") == 0.0
+
+
+def test_reversed_solution_and_checker():
+    task = get_task("add3_reversed")
+    assert task.solution((482, 596)) == ";8701"
+    assert task.check((482, 596), ";8701") == 1.0
+    assert task.check((482, 596), ";1078") == 0.0
+
+
+def test_every_task_solves_itself_within_its_budget():
+    rng = random.Random(0)
+    for task in TASKS.values():
+        tokenizer = task.tokenizer()
+        for _ in range(50):
+            problem = task.sample(rng)
+            assert not is_heldout(problem)
+            solution = task.solution(problem)
+            assert task.check(problem, solution) == 1.0
+            assert len(tokenizer.encode(solution)) + 1 <= task.max_new_tokens
+
+
+def test_heldout_problems_are_fixed_and_never_sampled():
+    task = get_task("add3_scratch")
+    heldout = task.heldout(100)
+    assert heldout == task.heldout(100) and len(set(heldout)) == 100
+    rng = random.Random(1)
+    assert not set(heldout) & {task.sample(rng) for _ in range(5000)}
+
+
+def test_tokenizer_round_trip_and_left_padding():
+    tokenizer = CharTokenizer("0123456789+=;")
+    text = "482+596=;8701"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.decode(tokenizer.encode("12") + [tokenizer.eos_id] + tokenizer.encode("3")) == "12"
+    ids, mask = tokenizer.encode_prompts(["1+2=", "10+20="])
+    assert ids.shape == mask.shape == (2, 7)
+    assert mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert ids[0, :3].tolist() == [tokenizer.pad_id, tokenizer.pad_id, tokenizer.bos_id]
+    assert tokenizer.decode(ids[0]) == "1+2="
+
+
+def test_response_mask_covers_up_to_and_including_the_first_eos():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 6, eos, pad, pad], [eos, 7, eos, 8, pad], [5, 6, 7, 8, 9]])
+    assert response_mask_from(responses, eos).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1],  # no EOS: truncated, every position counts
+    ]
+
+
+def test_sampled_rollout_masks_and_logits_match_generate_with_left_padding():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer("0123456789+=;")
+    model = build_model(ModelSize(layers=1, hidden=32, heads=1), tokenizer, max_positions=32, seed=0)
+    prompts = ["1+2=", "123+456=", "9="]
+    rollout = sample(model, tokenizer, prompts, max_new_tokens=8, group_size=2)
+    assert rollout.prompt_ids.shape[0] == rollout.responses.shape[0] == 6
+    for row, mask in zip(rollout.responses, rollout.response_mask):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()
+        assert (row[length:] == tokenizer.pad_id).all()
+        if length < row.numel():
+            assert row[length - 1] == tokenizer.eos_id
+    # teacher-forced logits over the left-padded batch equal the ones generate sampled from
+    ids, attention = tokenizer.encode_prompts(prompts)
+    out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=6, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    responses = out.sequences[:, ids.shape[1]:]
+    forced = response_logits(model, Rollout(ids, attention, responses, torch.ones_like(responses)))
+    generated = torch.stack(out.scores, dim=1)
+    assert torch.allclose(forced[:, : generated.shape[1]], generated, atol=1e-4)

@@ -1,0 +1,191 @@
+"""End to end: verl's own trainer (``verl.trainer.main_ppo``, V1) on CPU through tip-verl's CPU mode.
+
+Runs ``examples/run_tiny_cpu.sh`` (tiny student/teacher, FSDP2 on 2 gloo ranks, ``hf`` rollout and
+teacher servers, ``tip_opd`` + ``tip_sync``) three times and reads verl's file-logger metrics:
+
+1. 2 steps with a checkpoint at each: steps complete, ``tip/`` metrics are sane, and rollout and
+   trainer log-probs agree after the first update (weights reached the rollout);
+2. resume from that checkpoint for a 3rd step;
+3. 2 steps with the rollout told to ignore weight updates: log-probs drift apart.
+
+About 4-6 minutes on 2 cores; those tests are marked ``e2e`` (select or skip with ``-m e2e`` /
+``-m "not e2e"``). Fast checks alongside: CPU mode stays off unless asked for, the ``hf`` server's
+prompt log-prob layout, and the upstream patch applying to the installed verl.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "run_tiny_cpu.sh"
+RUN_TIMEOUT_S = 900
+TIP_RATIO = 0.5
+
+# Log-probs of the same tokens under the same weights agree to float32 rounding (~1e-8);
+# one Adam step at lr 1e-3 moves them by far more than this.
+SYNCED_MAX_DIFF = 1e-5
+BACKEND_PATCH = REPO_ROOT / "patches" / "verl-0.9.1-cpu-process-group-backend.diff"
+
+
+def run_tiny(tiny_dir: Path, out_dir: Path, metrics_path: Path, *overrides: str) -> list[dict]:
+    """Run the example script; return the per-step metric dicts verl's file logger wrote."""
+    env = {
+        **os.environ,
+        "TINY_DIR": str(tiny_dir),
+        "OUT_DIR": str(out_dir),
+        "VERL_FILE_LOGGER_PATH": str(metrics_path),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / f"{metrics_path.stem}.log"
+    with open(log_path, "w") as log:
+        completed = subprocess.run(
+            ["bash", str(SCRIPT), *overrides],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=RUN_TIMEOUT_S,
+            cwd=REPO_ROOT,
+        )
+    if completed.returncode != 0:
+        tail = log_path.read_text()[-6000:]
+        pytest.fail(f"run_tiny_cpu.sh exited {completed.returncode}; log tail:\n{tail}")
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    return {record["step"]: record["data"] for record in records}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_world")
+
+
+@pytest.fixture(scope="module")
+def synced_run(tiny_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("synced")
+    records = run_tiny(
+        tiny_dir,
+        out_dir,
+        out_dir / "first.jsonl",
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=1",
+        "trainer.test_freq=2",
+    )
+    return out_dir, by_step(records)
+
+
+@pytest.mark.e2e
+def test_steps_complete_with_checkpoints(synced_run):
+    out_dir, steps = synced_run
+    assert sorted(steps) == [1, 2]
+    assert (out_dir / "checkpoints" / "global_step_2" / "actor").is_dir()
+    assert (out_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    for metrics in steps.values():
+        assert metrics["actor/grad_norm"] > 0.0, "the policy must change every step (teacher signal)"
+
+
+@pytest.mark.e2e
+def test_teacher_and_tip_metrics_are_sane(synced_run):
+    _, steps = synced_run
+    for metrics in steps.values():
+        assert "actor/distillation/loss" in metrics, "teacher log-probs must reach the actor"
+        assert abs(metrics["tip/selected_fraction"] - TIP_RATIO) < 0.2
+        assert metrics["tip/divergence/selected_mean"] >= metrics["tip/divergence/unselected_mean"] - 1e-6
+
+
+@pytest.mark.e2e
+def test_trainer_weights_reach_the_rollout(synced_run):
+    _, steps = synced_run
+    # Step 2 samples with the weights trained in step 1; the trainer recomputes the same log-probs.
+    assert steps[2]["training/rollout_probs_diff_max"] < SYNCED_MAX_DIFF
+
+
+@pytest.mark.e2e
+def test_resume_from_checkpoint(synced_run, tiny_dir):
+    out_dir, _ = synced_run
+    records = run_tiny(tiny_dir, out_dir, out_dir / "resumed.jsonl", "trainer.total_training_steps=3")
+    assert [record["step"] for record in records] == [3], "must resume after step 2, not start over"
+    assert (out_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+@pytest.mark.e2e
+def test_rollout_drifts_without_weight_sync(synced_run, tiny_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("frozen_rollout")
+    records = run_tiny(
+        tiny_dir,
+        out_dir,
+        out_dir / "frozen.jsonl",
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        "+actor_rollout_ref.rollout.custom.ignore_weight_updates=true",
+    )
+    frozen = by_step(records)
+    _, synced = synced_run
+    assert frozen[1]["training/rollout_probs_diff_max"] < SYNCED_MAX_DIFF, "same weights before any update"
+    assert frozen[2]["training/rollout_probs_diff_max"] > 100 * max(
+        synced[2]["training/rollout_probs_diff_max"], SYNCED_MAX_DIFF / 100
+    )
+
+
+def test_cpu_mode_is_off_unless_requested():
+    check = (
+        "import verl\n"
+        "from verl.utils.device import get_device_name\n"
+        "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+        "print(get_device_name(), 'hf' in RolloutReplicaRegistry._registry)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TIP_VERL_CPU"}
+    env["VERL_USE_EXTERNAL_MODULES"] = "tip_verl.cpu.plugin"
+    off = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    on = subprocess.run(
+        [sys.executable, "-c", check], env={**env, "TIP_VERL_CPU": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert off.stdout.split() == ["cuda", "False"], off.stderr[-2000:]
+    assert on.stdout.split() == ["cpu", "True"], on.stderr[-2000:]
+
+
+def test_prompt_logprobs_follow_verl_teacher_layout():
+    from tip_verl.cpu.hf_generation import prompt_logprobs
+    from tip_verl.cpu.prepare import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, num_layers=1, seed=0).eval()
+    ids = tokenizer("<|user|> 3 + 4 = <|assistant|> 7")["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    sampled_ids, sampled = prompt_logprobs(model, ids, num_top=0)
+    assert len(sampled) == len(ids) and sampled_ids[-1] == [0] and sampled[-1] == [0.0]
+    for position in range(len(ids) - 1):  # position j scores token j + 1
+        assert sampled_ids[position] == [ids[position + 1]]
+        assert sampled[position][0] == pytest.approx(float(expected[position, ids[position + 1]]), abs=1e-5)
+
+    top_ids, top = prompt_logprobs(model, ids, num_top=3)
+    assert len(top) == len(ids) and all(len(row) == 3 for row in top)
+    assert top_ids[0][0] == int(expected[0].argmax()) and top[0] == sorted(top[0], reverse=True)
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch tool")
+def test_backend_patch_applies_to_installed_verl(tmp_path):
+    verl_dir = Path(importlib.util.find_spec("verl").origin).parent
+    target = tmp_path / "verl" / "utils" / "distributed.py"
+    target.parent.mkdir(parents=True)
+    shutil.copy(verl_dir / "utils" / "distributed.py", target)
+    for extra in (["--dry-run"], []):
+        result = subprocess.run(
+            ["patch", "-p1", "--forward", *extra, "-i", str(BACKEND_PATCH)], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    patched = target.read_text()
+    assert 'backend = backend or default_process_group_backend()' in patched
+    assert 'return "cpu:gloo"' in patched

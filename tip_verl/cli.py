@@ -1,0 +1,160 @@
+"""The `tip-verl` command line: subcommands for the embedded CPU world (more can be added to SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAMES
+
+DEMO_HELP = """\
+On-policy distillation on 2 CPU cores, end to end, in a few minutes.
+
+A small Llama student (warm-started to low accuracy) samples answers to synthetic arithmetic problems; a larger
+Llama teacher (trained by this package) scores every token; TIP picks the tokens worth the teacher signal
+(entropy x divergence), and verl's `tip_opd` estimator and PPO policy loss update the student. With
+--adv-estimator grpo the student learns from the checker's 0/1 reward only.
+
+Writes to --out: metrics.jsonl (one line per step), learning_curves.png, quadrant_map.png (one batch's tokens on
+the entropy x divergence plane, selected tokens marked), summary.json, checkpoint.pt. Ctrl-C stops after the
+current step and checkpoints; run the same command with --resume to continue.
+
+Teacher and student come from the package's shipped checkpoints, or from the user cache
+(~/.cache/tip-verl, or $TIP_VERL_CACHE) when retrained; --retrain-teacher / --retrain-student train them again.
+"""
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from tip_verl.local.loop import ADV_ESTIMATORS, LoopConfig
+    from tip_verl.local.tasks import TASKS
+
+    defaults = LoopConfig()
+    run = parser.add_argument_group("run")
+    run.add_argument("--task", default=defaults.task, choices=sorted(TASKS), help="synthetic task (default: %(default)s)")
+    run.add_argument("--adv-estimator", default=defaults.adv_estimator, choices=ADV_ESTIMATORS,
+                     help="tip_opd: teacher signal on TIP-selected tokens; grpo: outcome reward only (default: %(default)s)")
+    run.add_argument("--steps", type=int, default=None, help=f"on-policy steps (default: {defaults.steps}; "
+                     "with --resume, the saved run's, or extend it)")
+    run.add_argument("--seed", type=int, default=defaults.seed, help="seed of sampling and prompts (default: %(default)s)")
+    run.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s)")
+    run.add_argument("--prompts-per-step", type=int, default=defaults.prompts_per_step, help="(default: %(default)s)")
+    run.add_argument("--group-size", type=int, default=defaults.group_size, help="rollouts per prompt (default: %(default)s)")
+    run.add_argument("--eval-every", type=int, default=defaults.eval_every, help="(default: %(default)s)")
+    run.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default: %(default)s)")
+    tip = parser.add_argument_group("TIP (the keys of verl's algorithm.tip)")
+    tip.add_argument("--rule", default=defaults.tip.rule, choices=SELECTION_RULE_NAMES, help="(default: %(default)s)")
+    tip.add_argument("--ratio", type=float, default=defaults.tip.ratio, help="share of each response's tokens "
+                     "given the teacher signal (default: %(default)s)")
+    tip.add_argument("--mix", default=defaults.tip.mix, choices=MIX_NAMES, help="teacher_only: pure OPD on the "
+                     "selected tokens; replace / add: hybrid with GRPO (default: %(default)s)")
+    tip.add_argument("--divergence", default=defaults.tip.divergence, choices=DIVERGENCE_NAMES, help="(default: %(default)s)")
+    tip.add_argument("--coef", type=float, default=defaults.tip.coef, help="teacher reward weight (default: %(default)s)")
+    io = parser.add_argument_group("output and models")
+    io.add_argument("--out", type=Path, default=Path("tip-verl-demo"), help="output folder (default: %(default)s)")
+    io.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    io.add_argument("--retrain-teacher", action="store_true", help="train the teacher again (cached afterwards)")
+    io.add_argument("--retrain-student", action="store_true", help="warm-start the student again (cached afterwards)")
+
+
+def demo_config(args: argparse.Namespace):
+    from tip_verl.core.config import TipConfig
+    from tip_verl.local.loop import LoopConfig
+
+    saved = args.out / "config.json"
+    if args.resume and saved.exists():
+        config = LoopConfig(**json.loads(saved.read_text()))
+    else:
+        tip = TipConfig(rule=args.rule, ratio=args.ratio, mix=args.mix, divergence=args.divergence,
+                        coef=args.coef, seed=args.seed)
+        config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
+                            prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                            eval_every=args.eval_every, threads=args.threads)
+    if args.steps is not None:
+        config.steps = args.steps
+    return config
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from tip_verl.local.assets import load_role
+    from tip_verl.local.checkpoint import read_metrics
+    from tip_verl.local.loop import train
+    from tip_verl.local.report import summarize, write_plots
+
+    config = demo_config(args)
+    torch.set_num_threads(config.threads)
+    from tip_verl.local.tasks import get_task
+
+    task = get_task(config.task)
+    started = time.time()
+    teacher, teacher_card = load_role(task, "teacher", retrain=args.retrain_teacher, log=tqdm.write)
+    student, _ = load_role(task, "student", retrain=args.retrain_student, log=tqdm.write)
+    done = len([r for r in read_metrics(args.out) if r["step"] > 0]) if args.resume else 0
+    with tqdm(total=config.steps, initial=min(done, config.steps), desc=f"{config.adv_estimator} {task.name}",
+              unit="step", dynamic_ncols=True) as bar:
+
+        def on_step(record: dict) -> None:
+            if record["step"] > 0:
+                bar.update(1)
+            if "eval/accuracy" in record:
+                bar.set_postfix(acc=f"{record['eval/accuracy']:.3f}", kl=f"{record.get('kl/teacher', 0):.3f}")
+
+        status = train(config, args.out, teacher, student, resume=args.resume, on_step=on_step)
+    records = read_metrics(args.out)
+    write_plots(records, args.out, config)
+    summary = summarize(records, config, teacher_card, time.time() - started)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(summary["table"])
+    if status == "interrupted":
+        print(f"Interrupted after step {records[-1]['step']}: resume with `tip-verl demo --out {args.out} --resume`.")
+        return 130
+    print(f"Metrics, plots and checkpoint in {args.out}/")
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from tip_verl.local.assets import cache_dir, train_and_save
+    from tip_verl.local.tasks import get_task
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    for role in args.roles:
+        path = train_and_save(get_task(args.task), role, args.out or cache_dir())
+        print(f"wrote {path}.safetensors")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tip_verl.local.tasks import DEFAULT_TASK, TASKS
+
+    parser = argparse.ArgumentParser(prog="tip-verl", description="Token-importance on-policy distillation (TIP) "
+                                     "mixed with GRPO, as a verl plugin. Subcommands run its embedded CPU world.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="distil a tiny student from a tiny teacher on CPU (a few minutes)",
+                          description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_demo_arguments(demo)
+    demo.set_defaults(func=run_demo)
+    prepare = sub.add_parser("prepare", help="train the teacher and warm-start the student of a task",
+                             description="Supervised training of a task's teacher and warm-started student, "
+                             "deterministic from a fixed seed. Written to the user cache unless --out is given.")
+    prepare.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS))
+    prepare.add_argument("--roles", nargs="+", default=["teacher", "student"], choices=["teacher", "student"])
+    prepare.add_argument("--out", type=Path, default=None, help="root folder; a task's models go to <out>/<task>/")
+    prepare.add_argument("--threads", type=int, default=1)
+    prepare.set_defaults(func=run_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The on-policy loop on CPU: the student samples, the teacher scores, verl's estimator and policy loss update.
+
+One step, top to bottom (N = prompts_per_step x group_size rollouts, T response positions):
+  1. draw prompts; sample `group_size` responses each with HF generate (KV cache, batched)
+  2. outcome reward from the task's checker, on each response's last token          (N, T)
+  3. teacher log-probs of the student's tokens; student log-probs (with grad), entropy (N, T)
+  4. advantages through verl's registry: `grpo`, or `tip_opd` (TIP selection + hybrid advantage)
+  5. verl's `vanilla` policy loss (clipped PPO, aggregated by `agg_loss`) and one AdamW step
+  6. every `eval_every` steps a greedy evaluation on held-out problems; one JSON line per step;
+     a checkpoint every `checkpoint_every` steps and on Ctrl-C
+
+The loop is a driver: token selection and advantages come only from the estimator, the loss only from verl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+from verl.workers.config.actor import ActorConfig
+
+import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
+from tip_verl.core.advantages import TipTokens
+from tip_verl.core.config import TipConfig
+from tip_verl.core.metrics import tip_metrics
+from tip_verl.core.scores import divergence_estimate
+from tip_verl.local.checkpoint import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint
+from tip_verl.local.evaluate import greedy_accuracy
+from tip_verl.local.interrupt import stop_on_interrupt
+from tip_verl.local.memory import max_rss_mb, saved_activations
+from tip_verl.local.rollout import Rollout, logprobs_and_entropy, response_logits, sample, token_logprobs
+from tip_verl.local.tasks import DEFAULT_TASK, Task, get_task
+from tip_verl.local.timing import PhaseTimer
+from tip_verl.verl_ext.step_context import TipStep, tip_step
+
+ADV_ESTIMATORS = ("grpo", "tip_opd")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one run. `tip` has the keys of verl's `algorithm.tip` and is read only by `tip_opd`."""
+
+    task: str = DEFAULT_TASK
+    adv_estimator: str = "tip_opd"
+    tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
+    norm_adv_by_std_in_grpo: bool = True
+    steps: int = 200
+    prompts_per_step: int = 8
+    group_size: int = 8
+    temperature: float = 1.0
+    lr: float = 3e-4
+    grad_clip: float = 1.0
+    clip_ratio: float = 0.2
+    loss_agg_mode: str = "token-mean"
+    eval_every: int = 25
+    eval_size: int = 256
+    checkpoint_every: int = 50
+    dump_batch_at: int = 1  # step whose per-token TIP scores are saved for the quadrant plot
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.tip, dict):
+            self.tip = TipConfig.from_any(self.tip)
+        if self.adv_estimator not in ADV_ESTIMATORS:
+            raise ValueError(f"adv_estimator={self.adv_estimator!r}; choose one of {list(ADV_ESTIMATORS)}.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def actor_config(config: LoopConfig) -> ActorConfig:
+    """verl's own actor config, carrying what the vanilla policy loss reads (clip ratios, aggregation)."""
+    batch = config.prompts_per_step * config.group_size
+    return ActorConfig(
+        strategy="local",
+        rollout_n=config.group_size,
+        ppo_mini_batch_size=batch,
+        ppo_micro_batch_size_per_gpu=batch,
+        clip_ratio=config.clip_ratio,
+        clip_ratio_low=config.clip_ratio,
+        clip_ratio_high=config.clip_ratio,
+        loss_agg_mode=config.loss_agg_mode,
+    )
+
+
+def outcome_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Each rollout's score (N,) on its last valid response token, as verl's reward managers do. (N, T)."""
+    last = response_mask.sum(dim=1).clamp_min(1) - 1
+    rewards = torch.zeros(response_mask.shape, dtype=torch.float32)
+    rewards[torch.arange(len(scores)), last] = scores
+    return rewards
+
+
+def compute_advantages(
+    config: LoopConfig,
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    uids: np.ndarray,
+    old_log_probs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+) -> tuple[torch.Tensor, Optional[TipTokens]]:
+    """Advantages (N, T) from verl's registry, and what TIP selected (None for grpo). Inputs (N, T)."""
+    estimator = get_adv_estimator_fn(config.adv_estimator)
+    if config.adv_estimator == "grpo":
+        advantages, _ = estimator(
+            token_level_rewards=rewards,
+            response_mask=response_mask,
+            index=uids,
+            norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo,
+        )
+        return advantages, None
+    with tip_step(TipStep()) as step:
+        advantages, _ = estimator(
+            token_level_rewards=rewards,
+            response_mask=response_mask,
+            index=uids,
+            config={"tip": dataclasses.asdict(config.tip), "norm_adv_by_std_in_grpo": config.norm_adv_by_std_in_grpo},
+            old_log_probs=old_log_probs,
+            teacher_logprobs=teacher_logprobs,
+            entropy=entropy,
+        )
+    return advantages, step.tokens
+
+
+def loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens]) -> torch.Tensor:
+    """The tokens the loss averages over. (N, T).
+
+    With mix=teacher_only the unselected tokens carry no signal (advantage 0): they are left out of the loss,
+    as TIP drops them, so the token mean is over the selected tokens and the step size does not shrink with
+    the ratio. Otherwise every response token carries a signal (teacher or outcome) and is kept.
+    """
+    if tokens is not None and config.tip.mix == "teacher_only":
+        return response_mask * tokens.selected
+    return response_mask
+
+
+@torch.no_grad()
+def teacher_token_logprobs(teacher: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """log pT(y_t) of the student's sampled tokens, 0 at padding. (N, T)."""
+    logp = token_logprobs(response_logits(teacher, rollout), rollout.responses)
+    return logp.masked_fill(rollout.response_mask == 0, 0.0)
+
+
+def train_step(
+    config: LoopConfig,
+    task: Task,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    problem_rng: random.Random,
+    actor: ActorConfig,
+) -> tuple[dict, dict]:
+    """One on-policy step. Returns its metrics and the per-token tensors of the batch (for plots)."""
+    timer, tokenizer = PhaseTimer(), task.tokenizer()
+    problems = [task.sample(problem_rng) for _ in range(config.prompts_per_step)]
+
+    with timer("rollout"):
+        rollout = sample(
+            student, tokenizer, [task.prompt(p) for p in problems], task.max_new_tokens,
+            group_size=config.group_size, temperature=config.temperature,
+        )
+    mask = rollout.response_mask
+    with timer("reward"):
+        scores = torch.tensor(
+            [task.check(problems[i // config.group_size], tokenizer.decode(r)) for i, r in enumerate(rollout.responses)]
+        )
+        rewards = outcome_rewards(scores, mask)
+        uids = np.repeat(np.arange(len(problems)), config.group_size)
+
+    with timer("teacher"):
+        teacher_logp = teacher_token_logprobs(teacher, rollout)
+
+    with saved_activations(student) as memory:
+        with timer("student_forward"):
+            log_prob, entropy = logprobs_and_entropy(student, rollout)
+        old_log_prob = log_prob.detach()  # one update per batch: the sampling policy is the current one
+        with timer("advantage"):
+            advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy)
+        with timer("loss"):
+            trained = loss_mask(config, mask, tokens)
+            pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
+                old_log_prob=old_log_prob,
+                log_prob=log_prob,
+                advantages=advantages,
+                response_mask=trained,
+                loss_agg_mode=config.loss_agg_mode,
+                config=actor,
+            )
+
+    with timer("update"):
+        optimizer.zero_grad(set_to_none=True)
+        pg_loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        optimizer.step()
+
+    n_valid = mask.sum().clamp_min(1)
+    k1 = divergence_estimate(teacher_logp, old_log_prob, mask, "k1")
+    metrics = {
+        "reward/mean": scores.mean().item(),
+        "response_length/mean": mask.sum(dim=1).float().mean().item(),
+        "kl/teacher": (k1.sum() / n_valid).item(),
+        "entropy/mean": ((entropy * mask).sum() / n_valid).item(),
+        "tokens/trained_fraction": (trained.sum() / n_valid).item(),
+        "tokens/nonzero_advantage_fraction": (((advantages != 0) & (mask > 0)).sum() / n_valid).item(),
+        "actor/pg_loss": pg_loss.item(),
+        "actor/grad_norm": grad_norm.item(),
+        **pg_metrics,
+        "mem/saved_activations_mb": memory["bytes"] / 2**20,
+        **timer.metrics(),
+    }
+    batch = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp, "log_probs": old_log_prob}
+    if tokens is not None:
+        metrics.update(tip_metrics(tokens, mask))
+        batch.update(selected=tokens.selected, divergence=tokens.divergence, quadrant=tokens.quadrant)
+    return metrics, batch
+
+
+def train(
+    config: LoopConfig,
+    out: Path,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    resume: bool = False,
+    on_step: Callable[[dict], None] = lambda record: None,
+) -> str:
+    """Run (or resume) the loop, writing out/metrics.jsonl, out/checkpoint.pt and out/batch_step<k>.pt.
+
+    Returns "completed", or "interrupted" after a Ctrl-C (the checkpoint is then at the last finished step).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    task = get_task(config.task)
+    problem_rng = random.Random(config.seed)
+    eval_problems = task.heldout(config.eval_size)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    actor = actor_config(config)
+    teacher.eval()
+    student.train()
+
+    start = 0
+    if resume and (out / CHECKPOINT).exists():
+        start = load_checkpoint(out, student, optimizer, problem_rng)
+    elif (out / METRICS).exists():
+        (out / METRICS).unlink()
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def write(record: dict) -> None:
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        on_step(record)
+
+    if start == 0:
+        write({
+            "step": 0,
+            "eval/accuracy": greedy_accuracy(student, task, eval_problems),
+            "eval/teacher_accuracy": greedy_accuracy(teacher, task, eval_problems),
+        })
+
+    step = start
+    with stop_on_interrupt() as stop:
+        for step in range(start + 1, config.steps + 1):
+            metrics, batch = train_step(config, task, teacher, student, optimizer, problem_rng, actor)
+            if step == config.dump_batch_at:
+                torch.save(batch, out / f"batch_step{step}.pt")
+            if step % config.eval_every == 0 or step == config.steps:
+                timer = PhaseTimer()
+                with timer("eval"):
+                    metrics["eval/accuracy"] = greedy_accuracy(student, task, eval_problems)
+                metrics.update(timer.metrics())
+            metrics["mem/max_rss_mb"] = max_rss_mb()
+            write({"step": step, **metrics})
+            if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
+                save_checkpoint(out, step, student, optimizer, problem_rng, config.to_dict())
+            if stop.requested:
+                return "interrupted"
+    return "completed"

@@ -1,0 +1,87 @@
+"""PNG plots of a run: learning curves, and the entropy x divergence quadrant map of one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from tip_verl.core.scores import masked_quantile  # noqa: E402
+
+QUADRANT_COLORS = {1: "#d62728", 2: "#ff7f0e", 3: "#9467bd", 4: "#7f7f7f"}
+QUADRANT_NAMES = {
+    1: "Q1 high H, high D",
+    2: "Q2 high H, low D",
+    3: "Q3 low H, high D",
+    4: "Q4 low H, low D",
+}
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def learning_curves(records: list[dict], path: Path, title: str) -> None:
+    """Held-out greedy accuracy, sampled reward and KL to the teacher against the step."""
+    panels = [
+        ("eval/accuracy", "held-out accuracy (greedy)"),
+        ("reward/mean", "rollout reward (sampled)"),
+        ("kl/teacher", "KL(student || teacher) per token"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        steps, values = _series(records, key)
+        ax.plot(steps, values, marker="o" if key.startswith("eval") else None, ms=3)
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    teacher = [r["eval/teacher_accuracy"] for r in records if "eval/teacher_accuracy" in r]
+    if teacher:
+        axes[0].axhline(teacher[0], color="k", ls="--", lw=1, label=f"teacher {teacher[0]:.2f}")
+        axes[0].legend(loc="lower right")
+    axes[0].set_ylim(-0.02, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quadrant_map(batch: dict, path: Path, title: str) -> None:
+    """Every valid response token of one batch on the entropy x divergence plane, coloured by quadrant;
+    the tokens TIP selected are drawn filled, the others hollow. Dashed lines: the quadrant thresholds."""
+    mask = batch["response_mask"].bool()
+    entropy = batch["entropy"][mask]
+    divergence = batch["divergence"][mask]
+    selected = batch["selected"][mask]
+    quadrant = batch["quadrant"][mask]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for q in (4, 2, 1, 3):
+        in_q = quadrant == q
+        share = in_q.float().mean().item()
+        picked = in_q & selected
+        ax.scatter(entropy[in_q & ~selected], divergence[in_q & ~selected], s=14, facecolors="none",
+                   edgecolors=QUADRANT_COLORS[q], linewidths=0.7, alpha=0.6)
+        ax.scatter(entropy[picked], divergence[picked], s=14, color=QUADRANT_COLORS[q], alpha=0.9,
+                   label=f"{QUADRANT_NAMES[q]}: {share:.0%} of tokens, {picked.sum().item() / max(1, in_q.sum().item()):.0%} selected")
+    ax.axvline(masked_quantile(batch["entropy"], mask, 0.5).item(), color="k", ls="--", lw=0.8)
+    ax.axhline(masked_quantile(batch["divergence"], mask, 0.5).item(), color="k", ls="--", lw=0.8)
+    ax.scatter([], [], s=14, color="k", label="filled: selected by TIP")
+    ax.scatter([], [], s=14, facecolors="none", edgecolors="k", label="hollow: dropped")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("student entropy H (nats)")
+    ax.set_ylabel("divergence D (k3 estimate of KL(student || teacher))")
+    ax.set_title(f"{title}\n{int(selected.sum())} of {int(mask.sum())} tokens selected")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_batch(path: Path) -> dict:
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,64 @@
+"""What a finished (or interrupted) run leaves behind: plots and the final table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tip_verl.local.loop import LoopConfig
+from tip_verl.local.plots import learning_curves, load_batch, quadrant_map
+
+
+def method_name(config: LoopConfig) -> str:
+    if config.adv_estimator == "grpo":
+        return "GRPO"
+    tip = config.tip
+    return f"tip_opd rule={tip.rule} ratio={tip.ratio:g} mix={tip.mix}"
+
+
+def write_plots(records: list[dict], out: Path, config: LoopConfig) -> None:
+    """learning_curves.png, and quadrant_map.png when a TIP batch was saved."""
+    learning_curves(records, out / "learning_curves.png", f"{config.task}: {method_name(config)}")
+    batch_path = out / f"batch_step{config.dump_batch_at}.pt"
+    if batch_path.exists():
+        batch = load_batch(batch_path)
+        if "selected" in batch:
+            quadrant_map(batch, out / "quadrant_map.png",
+                         f"Student tokens of step {config.dump_batch_at}: {method_name(config)}")
+
+
+def _mean(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, seconds: float) -> dict:
+    """Accuracy before and after, teacher accuracy, share of tokens trained, timings; with a text table."""
+    evals = [r for r in records if "eval/accuracy" in r]
+    steps = [r for r in records if r["step"] > 0]
+    summary = {
+        "task": config.task,
+        "method": method_name(config),
+        "steps": steps[-1]["step"] if steps else 0,
+        "teacher_accuracy": records[0].get("eval/teacher_accuracy") if records else None,
+        "teacher_params": teacher_card.get("params"),
+        "student_accuracy_before": evals[0]["eval/accuracy"] if evals else None,
+        "student_accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
+        "tokens_in_loss_fraction": _mean(steps, "tokens/trained_fraction"),
+        "tokens_with_signal_fraction": _mean(steps, "tokens/nonzero_advantage_fraction"),
+        "seconds_per_step": _mean(steps, "time/rollout") + _mean(steps, "time/teacher")
+        + _mean(steps, "time/student_forward") + _mean(steps, "time/update"),
+        "wall_seconds": round(seconds, 1),
+    }
+    rows = [
+        ("task", summary["task"]),
+        ("method", summary["method"]),
+        ("steps", f"{summary['steps']} ({summary['seconds_per_step']:.2f} s/step, {seconds:.0f} s this session)"),
+        ("teacher accuracy", f"{summary['teacher_accuracy']:.3f}"),
+        ("student accuracy before", f"{summary['student_accuracy_before']:.3f}"),
+        ("student accuracy after", f"{summary['student_accuracy_after']:.3f}"),
+        ("tokens in the loss", f"{summary['tokens_in_loss_fraction']:.1%}"),
+        ("tokens with a non-zero advantage", f"{summary['tokens_with_signal_fraction']:.1%}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    summary["table"] = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return summary
