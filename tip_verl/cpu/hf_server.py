@@ -65,7 +65,8 @@ class HFRolloutServer:
 
     def _max_tokens(self, prompt_length: int, sampling_params: dict[str, Any]) -> int:
         budget = self.config.prompt_length + self.config.response_length - prompt_length
-        requested = sampling_params.get("max_tokens", sampling_params.get("max_new_tokens", self.config.response_length))
+        requested = sampling_params.get("max_tokens") or sampling_params.get("max_new_tokens")
+        requested = requested or self.config.response_length
         return max(1, min(requested, budget, self.config.response_length))
 
     async def generate(

@@ -6,6 +6,7 @@ Both are deterministic from a seed. The student's warm start stops at the first 
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from tip_verl.local.tasks import Task
 
 @dataclass(frozen=True)
 class SftPlan:
-    """max_steps of AdamW at lr (linear warm-up over 50 steps), batch_size problems per step; evaluate
+    """max_steps of AdamW at lr (linear warm-up over 50 steps, cosine decay to 0 at max_steps), batch_size
+    problems per step; evaluate
     every eval_every steps on eval_size held-out problems; stop when accuracy >= stop_at (None: never)."""
 
     max_steps: int
@@ -32,8 +34,14 @@ class SftPlan:
     stop_at: Optional[float]
 
 
-TEACHER_PLAN = SftPlan(max_steps=4000, lr=2e-3, batch_size=64, eval_every=100, eval_size=256, stop_at=0.99)
+TEACHER_PLAN = SftPlan(max_steps=1000, lr=2e-3, batch_size=64, eval_every=100, eval_size=256, stop_at=0.985)
 STUDENT_PLAN = SftPlan(max_steps=3000, lr=1e-3, batch_size=32, eval_every=25, eval_size=256, stop_at=0.15)
+
+
+def lr_factor(step: int, max_steps: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
 
 
 def supervised_train(
@@ -48,7 +56,7 @@ def supervised_train(
     model = build_model(size, task.tokenizer(), max_positions, seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan.max_steps))
     rng = random.Random(seed)
     eval_problems = task.heldout(plan.eval_size, seed=seed + 999)
     start, accuracy, step = time.time(), 0.0, 0

@@ -1,0 +1,158 @@
+"""The paper's comparison at toy scale: GRPO, full OPD, TIP rules and ratios, and the hybrid, several seeds each.
+
+Every run is the local loop (`tip_verl.local.loop.train`) in its own process with one torch thread, from the
+same teacher and warm-started student, with the same step budget. Per method it reports held-out greedy accuracy
+at 25%, 50% and 100% of the budget, the area under the accuracy curve (mean accuracy over the evaluations,
+step 0 included), the share of response tokens in the loss, the peak activation memory of a training step and
+the process' peak RSS, as mean +- std over seeds.
+
+    nice python benchmarks/compare_methods.py --out bench-out --steps 160 --seeds 0 1 2 --workers 2
+
+Finished runs are skipped when the command is run again (interrupt-safe); --report-only only aggregates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+METHODS = {
+    "GRPO": {"adv_estimator": "grpo"},
+    "OPD all tokens": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}},
+    "entropy_sample 50%": {"tip": {"rule": "entropy_sample", "ratio": 0.5, "mix": "teacher_only"}},
+    "soft_or 50%": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "teacher_only"}},
+    "soft_or 20%": {"tip": {"rule": "soft_or", "ratio": 0.2, "mix": "teacher_only"}},
+    "q3 10%": {"tip": {"rule": "q3", "ratio": 0.1, "mix": "teacher_only"}},
+    "random 50%": {"tip": {"rule": "random", "ratio": 0.5, "mix": "teacher_only"}},
+    "soft_or 50% + GRPO (replace)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}},
+}
+BUDGETS = (0.25, 0.5, 1.0)
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus") / f"seed{seed}"
+
+
+def run_one(method: str, seed: int, steps: int, out: str) -> str:
+    """One run in a fresh process; returns its folder. Writes done.json last, so a folder without it reruns."""
+    import torch
+
+    from tip_verl.local.assets import load_role
+    from tip_verl.local.loop import LoopConfig, train
+    from tip_verl.local.tasks import DEFAULT_TASK, get_task
+
+    torch.set_num_threads(1)
+    folder = run_dir(Path(out), method, seed)
+    overrides = dict(METHODS[method])
+    tip = {"seed": seed, **overrides.pop("tip", {})}
+    config = LoopConfig(task=DEFAULT_TASK, seed=seed, steps=steps, eval_every=max(1, steps // 8),
+                        checkpoint_every=max(1, steps // 4), tip=tip, **overrides)
+    task = get_task(config.task)
+    teacher, _ = load_role(task, "teacher")
+    student, _ = load_role(task, "student")
+    status = train(config, folder, teacher, student, resume=True)
+    if status == "completed":
+        (folder / "done.json").write_text(json.dumps({"method": method, "seed": seed, "steps": steps}))
+    return str(folder)
+
+
+def summarize_run(folder: Path, steps: int) -> dict:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
+    trained = [r for r in records if r["step"] > 0]
+    at = {b: evals[max(s for s in evals if s <= b * steps)] for b in BUDGETS}
+    return {
+        **{f"acc@{int(b * 100)}%": v for b, v in at.items()},
+        "auc": sum(evals.values()) / len(evals),
+        "start": evals[0],
+        "tokens_in_loss": statistics.mean(r["tokens/trained_fraction"] for r in trained),
+        "activations_mb": max(r["mem/saved_activations_mb"] for r in trained),
+        "rss_mb": max(r["mem/max_rss_mb"] for r in trained),
+        "s_per_step": statistics.mean(
+            r["time/rollout"] + r["time/teacher"] + r["time/student_forward"] + r["time/update"] for r in trained
+        ),
+        "curve": sorted(evals.items()),
+    }
+
+
+def fmt(values: list[float], pct: bool = True) -> str:
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if pct else f"{mean:.1f} ± {std:.1f}"
+
+
+def report(out: Path, steps: int, seeds: list[int]) -> str:
+    """Markdown table over methods (mean ± std over the finished seeds) and curves.png."""
+    header = ("| method | seeds | acc @25% | acc @50% | acc @100% | AUC | tokens in loss | "
+              "activations MB | peak RSS MB | s/step |")
+    lines = [header, "|" + "---|" * 10]
+    curves = {}
+    for method in METHODS:
+        runs = [summarize_run(run_dir(out, method, s), steps) for s in seeds
+                if (run_dir(out, method, s) / "done.json").exists()]
+        if not runs:
+            continue
+        col = lambda key: [r[key] for r in runs]  # noqa: E731
+        lines.append(
+            f"| {method} | {len(runs)} | {fmt(col('acc@25%'))} | {fmt(col('acc@50%'))} | {fmt(col('acc@100%'))} | "
+            f"{fmt(col('auc'))} | {100 * statistics.mean(col('tokens_in_loss')):.0f}% | "
+            f"{max(col('activations_mb')):.1f} | {max(col('rss_mb')):.0f} | {statistics.mean(col('s_per_step')):.2f} |"
+        )
+        curves[method] = runs
+    plot_curves(curves, out / "curves.png")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for method, runs in curves.items():
+        steps = [s for s, _ in runs[0]["curve"]]
+        values = [[acc for _, acc in r["curve"]] for r in runs]
+        mean = [statistics.mean(v) for v in zip(*values)]
+        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*values)]
+        style = "--" if method == "GRPO" else "-"
+        (line,) = ax.plot(steps, mean, style, marker="o", ms=3, label=method)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_title("Student accuracy by method (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        jobs = [(m, s) for s in args.seeds for m in args.methods
+                if not (run_dir(args.out, m, s) / "done.json").exists()]
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            futures = [pool.submit(run_one, m, s, args.steps, str(args.out)) for m, s in jobs]
+            for future in futures:
+                print("finished", future.result(), flush=True)
+    table = report(args.out, args.steps, args.seeds)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
