@@ -6,7 +6,7 @@ at 25%, 50% and 100% of the budget, the area under the accuracy curve (mean accu
 step 0 included), the share of response tokens in the loss, the peak activation memory of a training step and
 the process' peak RSS, as mean +- std over seeds.
 
-    nice python benchmarks/compare_methods.py --out bench-out --steps 160 --seeds 0 1 2 --workers 2
+    nice python benchmarks/compare_methods.py --out bench-out --steps 400 --seeds 0 1 2 --workers 2
 
 Finished runs are skipped when the command is run again (interrupt-safe); --report-only only aggregates.
 """
@@ -49,7 +49,7 @@ def run_one(method: str, seed: int, steps: int, out: str) -> str:
     folder = run_dir(Path(out), method, seed)
     overrides = dict(METHODS[method])
     tip = {"seed": seed, **overrides.pop("tip", {})}
-    config = LoopConfig(task=DEFAULT_TASK, seed=seed, steps=steps, eval_every=max(1, steps // 8),
+    config = LoopConfig(task=DEFAULT_TASK, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
                         checkpoint_every=max(1, steps // 4), tip=tip, **overrides)
     task = get_task(config.task)
     teacher, _ = load_role(task, "teacher")
@@ -136,7 +136,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

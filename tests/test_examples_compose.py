@@ -126,8 +126,9 @@ def test_example_composes_and_validates(script):
 
 
 BROKEN = [
-    # (text in the FSDP hybrid script, its replacement, the error it must cause, words of its message)
-    ("ppo_mini_batch_size=48", "ppo_mini_batch_sise=48", ConfigCompositionException, "ppo_mini_batch_sise"),
+    # (text in the FSDP hybrid script or the file it sources, its replacement, the error it must cause, words of
+    # its message)
+    ("ppo_mini_batch_size=", "ppo_mini_batch_sise=", ConfigCompositionException, "ppo_mini_batch_sise"),
     ("actor.use_kl_loss=false", "actor.use_kl_los=false", ConfigCompositionException, "use_kl_los"),
     ("actor_rollout_ref.actor.use_kl_loss=", "+actor_rollout_ref.actor.use_kl_los=", InstantiationException, "use_kl_los"),
     ("+algorithm.tip.ratio=", "+algorithm.tip.ration=", ValueError, "Unknown key.*ration"),
@@ -139,9 +140,12 @@ BROKEN = [
 
 @pytest.mark.parametrize("old, new, error, match", BROKEN, ids=[b[1] for b in BROKEN])
 def test_a_broken_script_fails(tmp_path, old, new, error, match):
-    source = (REPO / "examples" / "run_qwen3_8b_to_1p7b_hybrid_fsdp.sh").read_text()
-    assert old in source
-    broken = tmp_path / "run_broken.sh"
-    broken.write_text(source.replace(old, new))
+    script = "run_qwen3_8b_to_1p7b_hybrid_fsdp.sh"
+    sources = {path.name: path.read_text() for path in (REPO / "examples").glob("*.sh")}
+    holders = [name for name in (script, "common_qwen3_8b_to_1p7b.sh") if old in sources[name]]
+    assert len(holders) == 1, f"{old!r} must stand once in the script or the file it sources: {holders}"
+    sources[holders[0]] = sources[holders[0]].replace(old, new)
+    for name, text in sources.items():  # a copy of examples/, so the script sources the broken file
+        (tmp_path / name).write_text(text)
     with pytest.raises(error, match=match):
-        validate(compose_verl(script_arguments(broken)))
+        validate(compose_verl(script_arguments(tmp_path / script)))

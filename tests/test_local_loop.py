@@ -1,5 +1,6 @@
 """The local on-policy loop learns: a few TIP-OPD steps make the student more likely to say what the teacher
-says. Uses the shipped teacher and student of the default task (no training here)."""
+says (the exact
+reverse KL to the teacher falls). Uses the shipped teacher and student of the default task (no training here)."""
 
 import dataclasses
 import json
@@ -10,15 +11,14 @@ import torch
 from tip_verl.core.config import TipConfig
 from tip_verl.local.assets import load_role
 from tip_verl.local.loop import LoopConfig, train
-from tip_verl.local.rollout import logprobs_and_entropy, sample
+from tip_verl.local.rollout import response_logits, sample
 from tip_verl.local.tasks import DEFAULT_TASK, get_task
 
 SMOKE = LoopConfig(
     task=DEFAULT_TASK,
     adv_estimator="tip_opd",
     tip=TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"),
-    steps=8,
-    lr=1e-3,
+    steps=20,
     eval_every=1000,
     eval_size=16,
     checkpoint_every=1000,
@@ -34,25 +34,28 @@ def task_and_models():
     return task, teacher, student
 
 
-def teacher_token_loglik(task, teacher, student) -> float:
-    """Mean student log-prob of the teacher's greedy responses on 64 held-out problems."""
+def reverse_kl_to_teacher(task, teacher, student) -> float:
+    """Exact KL(student || teacher) per token, full vocabulary, along the teacher's greedy responses to 64
+    held-out problems: what on-policy distillation minimises, on fixed contexts."""
     problems = task.heldout(64, seed=7)
     probe = sample(teacher, task.tokenizer(), [task.prompt(p) for p in problems], task.max_new_tokens, greedy=True)
     with torch.no_grad():
-        logp, _ = logprobs_and_entropy(student, probe)
-    return (logp.sum() / probe.response_mask.sum()).item()
+        log_ps = torch.log_softmax(response_logits(student, probe), dim=-1)
+        log_pt = torch.log_softmax(response_logits(teacher, probe), dim=-1)
+    kl = (log_ps.exp() * (log_ps - log_pt)).sum(dim=-1)
+    return ((kl * probe.response_mask).sum() / probe.response_mask.sum()).item()
 
 
 def test_tip_opd_moves_the_student_toward_the_teacher(task_and_models, tmp_path):
     task, teacher, student = task_and_models
     student = _copy(student)
-    before = teacher_token_loglik(task, teacher, student)
+    before = reverse_kl_to_teacher(task, teacher, student)
     assert train(SMOKE, tmp_path, teacher, student) == "completed"
-    after = teacher_token_loglik(task, teacher, student)
+    after = reverse_kl_to_teacher(task, teacher, student)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(SMOKE.steps + 1))
     assert 0.45 <= records[1]["tokens/trained_fraction"] <= 0.55
-    assert after > before + 0.05, (before, after)
+    assert after < 0.95 * before, (before, after)  # 0.70 -> 0.64 on the shipped models
 
 
 def test_grpo_runs_and_resumes_without_losing_or_repeating_steps(task_and_models, tmp_path):

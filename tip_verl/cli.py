@@ -85,11 +85,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from tip_verl.local.checkpoint import read_metrics
     from tip_verl.local.loop import train
     from tip_verl.local.report import summarize, write_plots
+    from tip_verl.local.tasks import get_task
 
     config = demo_config(args)
     torch.set_num_threads(config.threads)
-    from tip_verl.local.tasks import get_task
-
     task = get_task(config.task)
     started = time.time()
     teacher, teacher_card = load_role(task, "teacher", retrain=args.retrain_teacher, log=tqdm.write)
@@ -118,10 +117,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    import torch
+
     from tip_verl.local.assets import cache_dir, train_and_save
     from tip_verl.local.tasks import get_task
-
-    import torch
 
     torch.set_num_threads(args.threads)
     for role in args.roles:

@@ -51,15 +51,15 @@ class LoopConfig:
     adv_estimator: str = "tip_opd"
     tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
     norm_adv_by_std_in_grpo: bool = True
-    steps: int = 200
+    steps: int = 400
     prompts_per_step: int = 8
     group_size: int = 8
     temperature: float = 1.0
-    lr: float = 3e-4
+    lr: float = 1e-4
     grad_clip: float = 1.0
     clip_ratio: float = 0.2
     loss_agg_mode: str = "token-mean"
-    eval_every: int = 25
+    eval_every: int = 50
     eval_size: int = 256
     checkpoint_every: int = 50
     dump_batch_at: int = 1  # step whose per-token TIP scores are saved for the quadrant plot
@@ -250,8 +250,9 @@ def train(
     start = 0
     if resume and (out / CHECKPOINT).exists():
         start = load_checkpoint(out, student, optimizer, problem_rng)
-    elif (out / METRICS).exists():
-        (out / METRICS).unlink()
+    else:  # a fresh run in a used folder starts over
+        for stale in (out / METRICS, out / CHECKPOINT):
+            stale.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def write(record: dict) -> None:

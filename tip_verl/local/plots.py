@@ -26,6 +26,10 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def learning_curves(records: list[dict], path: Path, title: str) -> None:
     """Held-out greedy accuracy, sampled reward and KL to the teacher against the step."""
     panels = [
@@ -36,7 +40,12 @@ def learning_curves(records: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, (key, label) in zip(axes, panels):
         steps, values = _series(records, key)
-        ax.plot(steps, values, marker="o" if key.startswith("eval") else None, ms=3)
+        if key.startswith("eval"):
+            ax.plot(steps, values, marker="o", ms=3)
+        else:  # per-step values are noisy: raw faint, a moving average on top
+            ax.plot(steps, values, alpha=0.25, color="C0")
+            ax.plot(steps, _moving_average(values, 20), color="C0", label="mean of 20 steps")
+            ax.legend(loc="best", fontsize=8)
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -59,7 +68,7 @@ def quadrant_map(batch: dict, path: Path, title: str) -> None:
     divergence = batch["divergence"][mask]
     selected = batch["selected"][mask]
     quadrant = batch["quadrant"][mask]
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for q in (4, 2, 1, 3):
         in_q = quadrant == q
         share = in_q.float().mean().item()
@@ -73,10 +82,11 @@ def quadrant_map(batch: dict, path: Path, title: str) -> None:
     ax.scatter([], [], s=14, color="k", label="filled: selected by TIP")
     ax.scatter([], [], s=14, facecolors="none", edgecolors="k", label="hollow: dropped")
     ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("student entropy H (nats)")
-    ax.set_ylabel("divergence D (k3 estimate of KL(student || teacher))")
+    ax.set_xscale("symlog", linthresh=1e-2)
+    ax.set_xlabel("student entropy H (nats, linear below 0.01)")
+    ax.set_ylabel("divergence D (k3 estimate of KL(student || teacher), linear below 0.001)")
     ax.set_title(f"{title}\n{int(selected.sum())} of {int(mask.sum())} tokens selected")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,155 @@
+"""Each GPU launch script's algorithm settings, run for real on CPU through ``examples/run_tiny_cpu.sh``.
+
+``test_examples_compose.py`` shows that ``examples/run_qwen3_8b_to_1p7b_*.sh`` compose against verl's config.
+Here each script's algorithm settings (``algorithm_overrides``: TIP rule, ratio, divergence, mix and coef, the
+loss route's loss_mode, top-k, clamps and coefficient schedule, calculate_entropy, loss_agg_mode, tip_sync) are
+appended to the tiny CPU run for 2 steps, and verl's metrics show that what the script asks of our code ran:
+
+- advantage route (``tip_opd``): ``tip/selected_fraction`` at the script's ratio, quadrant and teacher-reward
+  metrics finite;
+- loss route (``loss_mode=tip_*``): verl's distillation loss and our ``tip_loss/`` metrics present and finite,
+  the selection at the script's ratio, the schedule's coefficient multiplier at each step.
+
+Only algorithm settings are appended; the hardware ones (vLLM, Megatron, GPU counts, nodes) stay the CPU run's.
+The tiny run starts with ``ALGO=grpo`` (its own ``tip_opd`` section would collide with the script's
+``+algorithm.tip.*`` keys) and the script's settings then replace its algorithm section; the test checks, in the
+config hydra saved for the run, that they did. Responses are up to 10 tokens (4 in ``run_tiny_cpu.sh``), so a
+ratio of 0.1 is one token of a full response, not the one-token minimum every response keeps.
+
+Scripts whose algorithm settings are identical run once: the FSDP, Megatron and multi-node hybrid scripts differ
+only in backend and resources and share one advantage-route section (``test_every_script_has_a_cpu_run`` checks
+that every script runs with its default settings, ``test_scripts_of_a_run_share_its_algorithm_settings`` that
+the scripts of a run agree). One more run takes the pure OPD script's top-k knobs (``LOSS_MODE=
+tip_entropy_aware_topk``, the teacher's top-k log-probs from the ``hf`` teacher, and a linear schedule that
+halves the teacher coefficient at step 2). Four runs, about 6 minutes on 2 cores (mostly process start-up);
+marked e2e.
+"""
+
+import math
+
+import pytest
+from omegaconf import OmegaConf
+from test_examples_compose import SCRIPTS, algorithm_overrides, algorithm_summary, compose_verl, script_arguments
+from test_verl_cpu_e2e import by_step, run_tiny
+
+from tip_verl.core.schedule import teacher_coef_multiplier
+from tip_verl.verl_ext.losses import check_loss_route
+
+STEPS = 2
+MAX_RESPONSE = 10
+HYBRID_SCRIPTS = (
+    "run_qwen3_8b_to_1p7b_hybrid_fsdp.sh",
+    "run_qwen3_8b_to_1p7b_hybrid_megatron.sh",
+    "run_qwen3_8b_to_1p7b_hybrid_multinode.sh",
+)
+TOPK_KNOBS = {"LOSS_MODE": "tip_entropy_aware_topk", "SCHEDULE": "linear", "ANNEAL_STEPS": "2"}
+RUNS = {  # one CPU run per distinct algorithm section: (the scripts it stands for, their environment knobs)
+    "hybrid": (HYBRID_SCRIPTS, {}),
+    "opd_soft_or": (("run_qwen3_8b_to_1p7b_opd_soft_or.sh",), {}),
+    "opd_soft_or_topk_linear": (("run_qwen3_8b_to_1p7b_opd_soft_or.sh",), TOPK_KNOBS),
+    "opd_q3_10pct": (("run_qwen3_8b_to_1p7b_opd_q3_10pct.sh",), {}),
+}
+LOSS_ROUTE_METRICS = (
+    "actor/distillation/loss",
+    "actor/tip_loss/selected_fraction",
+    "actor/tip_loss/selected_loss_mean",
+    "actor/tip_loss/coef_multiplier",
+)
+ADVANTAGE_ROUTE_METRICS = (
+    "tip/selected_fraction",
+    "tip/teacher_reward/selected_mean",
+    "tip/divergence/selected_mean",
+)
+
+
+def run_arguments(run: str, monkeypatch) -> dict[str, list[str]]:
+    """main_ppo's arguments of each script a run stands for, under the run's environment knobs."""
+    names, knobs = RUNS[run]
+    scripts = {path.name: path for path in SCRIPTS}
+    with monkeypatch.context() as patch:
+        for knob, value in knobs.items():
+            patch.setenv(knob, value)
+        return {name: script_arguments(scripts[name]) for name in names}
+
+
+def finite(metrics: dict, key: str) -> float:
+    assert key in metrics, f"{key} missing from verl's metrics: {sorted(metrics)}"
+    assert math.isfinite(metrics[key]), f"{key}={metrics[key]}"
+    return metrics[key]
+
+
+def selected_fraction_range(ratio: float, metrics: dict) -> tuple[float, float]:
+    """Bounds of a selected-token fraction: each response keeps max(1, floor(ratio * m)) of its m tokens.
+
+    A fraction over any set of responses is a token-weighted mean of their own fractions, so it lies between
+    the smallest and largest of those over the batch's response lengths.
+    """
+    lengths = range(int(metrics["response_length/min"]), int(metrics["response_length/max"]) + 1)
+    fractions = [max(1, math.floor(length * ratio)) / length for length in lengths]
+    return min(fractions), max(fractions)
+
+
+def test_every_script_has_a_cpu_run():
+    with_defaults = [name for names, knobs in RUNS.values() if not knobs for name in names]
+    assert sorted(with_defaults) == sorted(path.name for path in SCRIPTS)
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_scripts_of_a_run_share_its_algorithm_settings(run, monkeypatch):
+    settings = {name: algorithm_overrides(args) for name, args in run_arguments(run, monkeypatch).items()}
+    assert len({tuple(value) for value in settings.values()}) == 1, f"{run}: the scripts differ: {settings}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_world")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
+    args = next(iter(run_arguments(run, monkeypatch).values()))
+    config = compose_verl(args)
+    summary = algorithm_summary(config)
+    records = run_tiny(
+        tiny_dir,
+        tmp_path,
+        tmp_path / "metrics.jsonl",
+        f"trainer.total_training_steps={STEPS}",
+        "trainer.resume_mode=disable",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        f"data.max_response_length={MAX_RESPONSE}",
+        *algorithm_overrides(args),
+        script_env={"ALGO": "grpo"},
+    )
+    ran = OmegaConf.load(tmp_path / "hydra" / ".hydra" / "config.yaml")
+    assert algorithm_summary(ran) == summary, "the script's settings must replace the tiny run's"
+    assert ran.distillation.distillation_loss == config.distillation.distillation_loss
+
+    steps = by_step(records)
+    assert sorted(steps) == list(range(1, STEPS + 1)), "every step must finish"
+    _, tip_loss = check_loss_route(config)
+    for step, metrics in steps.items():
+        assert finite(metrics, "actor/grad_norm") > 0.0
+        if summary["route"] == "advantage":
+            for key in ADVANTAGE_ROUTE_METRICS:
+                finite(metrics, key)
+            low, high = selected_fraction_range(summary["ratio"], metrics)
+            assert low - 1e-6 <= metrics["tip/selected_fraction"] <= high + 1e-6
+            quadrants = [finite(metrics, f"tip/quadrant/q{quadrant}_share") for quadrant in (1, 2, 3, 4)]
+            assert sum(quadrants) == pytest.approx(1.0)
+        else:
+            assert summary["route"] == "loss", summary
+            for key in LOSS_ROUTE_METRICS:
+                finite(metrics, key)
+            # Selected per micro-batch, among the tokens tip_entropy_aware_topk's gate lets in (when it drops some,
+            # only the upper bound holds).
+            low, high = selected_fraction_range(summary["ratio"], metrics)
+            if metrics.get("actor/tip_loss/gate_fraction", 1.0) < 1.0:
+                low = 0.0
+            assert low - 1e-6 <= metrics["actor/tip_loss/selected_fraction"] <= high + 1e-6
+            expected = teacher_coef_multiplier(
+                step - 1, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
+            )
+            assert metrics["actor/tip_loss/coef_multiplier"] == pytest.approx(expected)
