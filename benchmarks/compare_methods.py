@@ -3,7 +3,7 @@
 Every run is the local loop (`tip_verl.local.loop.train`) in its own process with one torch thread, from the
 same teacher and warm-started student, with the same step budget. Per method it reports held-out greedy accuracy
 at 25%, 50% and 100% of the budget, the area under the accuracy curve (mean accuracy over the evaluations,
-step 0 included), the share of response tokens in the loss, the peak activation memory of a training step and
+step 0 included), KL(student || teacher) per token over the last 10% of steps, the share of response tokens in the loss, the peak activation memory of a training step and
 the process' peak RSS, as mean +- std over seeds.
 
     nice python benchmarks/compare_methods.py --out bench-out --steps 400 --seeds 0 1 2 --workers 2
@@ -69,6 +69,7 @@ def summarize_run(folder: Path, steps: int) -> dict:
         **{f"acc@{int(b * 100)}%": v for b, v in at.items()},
         "auc": sum(evals.values()) / len(evals),
         "start": evals[0],
+        "kl_end": statistics.mean(r["kl/teacher"] for r in trained[-len(trained) // 10 :]),
         "tokens_in_loss": statistics.mean(r["tokens/trained_fraction"] for r in trained),
         "activations_mb": max(r["mem/saved_activations_mb"] for r in trained),
         "rss_mb": max(r["mem/max_rss_mb"] for r in trained),
@@ -79,17 +80,19 @@ def summarize_run(folder: Path, steps: int) -> dict:
     }
 
 
-def fmt(values: list[float], pct: bool = True) -> str:
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if pct else f"{mean:.1f} ± {std:.1f}"
+def fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
+    """mean ± std, in percent when `pct`."""
+    scale = 100 if pct else 1
+    mean = scale * statistics.mean(values)
+    std = scale * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def report(out: Path, steps: int, seeds: list[int]) -> str:
     """Markdown table over methods (mean ± std over the finished seeds) and curves.png."""
-    header = ("| method | seeds | acc @25% | acc @50% | acc @100% | AUC | tokens in loss | "
+    header = ("| method | seeds | acc @25% | acc @50% | acc @100% | AUC | KL end | tokens in loss | "
               "activations MB | peak RSS MB | s/step |")
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     curves = {}
     for method in METHODS:
         runs = [summarize_run(run_dir(out, method, s), steps) for s in seeds
@@ -99,7 +102,8 @@ def report(out: Path, steps: int, seeds: list[int]) -> str:
         col = lambda key: [r[key] for r in runs]  # noqa: E731
         lines.append(
             f"| {method} | {len(runs)} | {fmt(col('acc@25%'))} | {fmt(col('acc@50%'))} | {fmt(col('acc@100%'))} | "
-            f"{fmt(col('auc'))} | {100 * statistics.mean(col('tokens_in_loss')):.0f}% | "
+            f"{fmt(col('auc'))} | {fmt(col('kl_end'), pct=False, digits=2)} | "
+            f"{100 * statistics.mean(col('tokens_in_loss')):.0f}% | "
             f"{max(col('activations_mb')):.1f} | {max(col('rss_mb')):.0f} | {statistics.mean(col('s_per_step')):.2f} |"
         )
         curves[method] = runs
@@ -149,6 +153,7 @@ def main() -> None:
             futures = [pool.submit(run_one, m, s, args.steps, str(args.out)) for m, s in jobs]
             for future in futures:
                 print("finished", future.result(), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     table = report(args.out, args.steps, args.seeds)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
