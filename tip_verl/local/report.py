@@ -35,6 +35,7 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
     """Accuracy before and after, teacher accuracy, share of tokens trained, timings; with a text table."""
     evals = [r for r in records if "eval/accuracy" in r]
     steps = [r for r in records if r["step"] > 0]
+    best = max(evals, key=lambda r: r["eval/accuracy"]) if evals else None
     summary = {
         "task": config.task,
         "method": method_name(config),
@@ -43,6 +44,8 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
         "teacher_params": teacher_card.get("params"),
         "student_accuracy_before": evals[0]["eval/accuracy"] if evals else None,
         "student_accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
+        "student_accuracy_best": best["eval/accuracy"] if best else None,
+        "student_best_step": best["step"] if best else None,
         "tokens_in_loss_fraction": _mean(steps, "tokens/trained_fraction"),
         "tokens_with_signal_fraction": _mean(steps, "tokens/nonzero_advantage_fraction"),
         "seconds_per_step": _mean(steps, "time/rollout") + _mean(steps, "time/teacher")
@@ -56,6 +59,7 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
         ("teacher accuracy", f"{summary['teacher_accuracy']:.3f}"),
         ("student accuracy before", f"{summary['student_accuracy_before']:.3f}"),
         ("student accuracy after", f"{summary['student_accuracy_after']:.3f}"),
+        ("student accuracy best", f"{summary['student_accuracy_best']:.3f} (step {summary['student_best_step']})"),
         ("tokens in the loss", f"{summary['tokens_in_loss_fraction']:.1%}"),
         ("tokens with a non-zero advantage", f"{summary['tokens_with_signal_fraction']:.1%}"),
     ]
