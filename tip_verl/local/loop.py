@@ -35,7 +35,14 @@ from tip_verl.local.checkpoint import CHECKPOINT, METRICS, load_checkpoint, save
 from tip_verl.local.evaluate import greedy_accuracy
 from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations
-from tip_verl.local.rollout import Rollout, logprobs_and_entropy, response_logits, sample, token_logprobs
+from tip_verl.local.rollout import (
+    Rollout,
+    logprobs_and_entropy,
+    response_logits,
+    sample,
+    selected_logprobs,
+    token_logprobs,
+)
 from tip_verl.local.tasks import DEFAULT_TASK, Task, get_task
 from tip_verl.local.timing import PhaseTimer
 from tip_verl.verl_ext.step_context import TipStep, tip_step
@@ -65,6 +72,7 @@ class LoopConfig:
     dump_batch_at: int = 1  # step whose per-token TIP scores are saved for the quadrant plot
     seed: int = 0
     threads: int = 1
+    logits_chunk_size: int = 1024  # tokens per chunk of the selected-token LM head in the loss
 
     def __post_init__(self):
         if isinstance(self.tip, dict):
@@ -179,22 +187,22 @@ def train_step(
     with timer("teacher"):
         teacher_logp = teacher_token_logprobs(teacher, rollout)
 
-    with saved_activations(student) as memory:
-        with timer("student_forward"):
-            log_prob, entropy = logprobs_and_entropy(student, rollout)
-        old_log_prob = log_prob.detach()  # one update per batch: the sampling policy is the current one
-        with timer("advantage"):
-            advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy)
-        with timer("loss"):
-            trained = loss_mask(config, mask, tokens)
-            pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
-                old_log_prob=old_log_prob,
-                log_prob=log_prob,
-                advantages=advantages,
-                response_mask=trained,
-                loss_agg_mode=config.loss_agg_mode,
-                config=actor,
-            )
+    with timer("student_forward"), torch.no_grad():
+        old_log_prob, entropy = logprobs_and_entropy(student, rollout)
+    with timer("advantage"):
+        advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy)
+    trained = loss_mask(config, mask, tokens)
+    with saved_activations(student) as memory, timer("loss"):
+        # the graph holds full-vocabulary buffers only for the trained tokens (all of them but with teacher_only)
+        log_prob = selected_logprobs(student, rollout, trained, config.logits_chunk_size)
+        pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
+            old_log_prob=old_log_prob,
+            log_prob=log_prob,
+            advantages=advantages,
+            response_mask=trained,
+            loss_agg_mode=config.loss_agg_mode,
+            config=actor,
+        )
 
     with timer("update"):
         optimizer.zero_grad(set_to_none=True)
@@ -216,6 +224,7 @@ def train_step(
         **pg_metrics,
         "mem/saved_activations_mb": memory["bytes"] / 2**20,
         **timer.metrics(),
+        "time/step": round(sum(timer.seconds.values()), 4),
     }
     batch = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp, "log_probs": old_log_prob}
     if tokens is not None:

@@ -48,8 +48,7 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
         "student_best_step": best["step"] if best else None,
         "tokens_in_loss_fraction": _mean(steps, "tokens/trained_fraction"),
         "tokens_with_signal_fraction": _mean(steps, "tokens/nonzero_advantage_fraction"),
-        "seconds_per_step": _mean(steps, "time/rollout") + _mean(steps, "time/teacher")
-        + _mean(steps, "time/student_forward") + _mean(steps, "time/update"),
+        "seconds_per_step": _mean(steps, "time/step"),
         "wall_seconds": round(seconds, 1),
     }
     rows = [

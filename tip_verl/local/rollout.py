@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tip_verl.core.scores import token_entropy
+from tip_verl.core.selected_logits import scatter_selected, selected_token_logprobs
 from tip_verl.local.tokenizer import CharTokenizer
 
 
@@ -75,17 +76,35 @@ def sample(
     return Rollout(prompt_ids, prompt_mask, responses, response_mask)
 
 
-def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """Logits (N, T, V) of the model at the positions that predict each response token."""
+def response_hidden(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """Final hidden states (N, T, H), after the last norm, at the positions that predict each response token."""
     attention_mask = rollout.attention_mask()
-    logits = model(
+    hidden = model.model(
         input_ids=rollout.input_ids(),
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask),
         use_cache=False,
-    ).logits
+    ).last_hidden_state
     prompt_len = rollout.prompt_ids.shape[1]
-    return logits[:, prompt_len - 1 : -1].float()
+    return hidden[:, prompt_len - 1 : -1]
+
+
+def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """Logits (N, T, V) of the model at the positions that predict each response token."""
+    return model.lm_head(response_hidden(model, rollout)).float()
+
+
+def selected_logprobs(model: torch.nn.Module, rollout: Rollout, selected: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Log-probs (N, T) of the sampled tokens at `selected` (N, T) positions, with grad; 0 elsewhere.
+
+    The LM head and log-softmax run only at the selected positions, `chunk_size` tokens at a time, so no
+    full-vocabulary buffer (nor its backward) is built for the tokens TIP drops.
+    """
+    selected = selected.bool()
+    logp, _ = selected_token_logprobs(
+        response_hidden(model, rollout), model.lm_head.weight, selected, rollout.responses, chunk_size=chunk_size
+    )
+    return scatter_selected(logp, selected)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
