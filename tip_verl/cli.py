@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAMES
@@ -150,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_verl_import() -> None:
+    """verl warns at import about GPU engines and accelerators a CPU demo never uses."""
+    warnings.filterwarnings("ignore", message=".*engine is not available.*")
+    os.environ.setdefault("VERL_LOGGING_LEVEL", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_verl_import()
     args = build_parser().parse_args(argv)
     return args.func(args)
 
