@@ -24,7 +24,7 @@ setup(
         "pandas>=2",
         "pyarrow>=15",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"test": ["pytest>=8"]},
     entry_points={
         # verl imports every `verl.plugins` entry point in every process that imports verl (Ray workers too).
         "verl.plugins": ["tip_verl = tip_verl.verl_ext.plugin"],
