@@ -20,7 +20,7 @@
 set -xeuo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TINY_DIR=${TINY_DIR:-${HOME}/.cache/tip_verl/tiny_cpu}
+TINY_DIR=${TINY_DIR:-${HOME}/.cache/tip-verl/tiny_cpu}
 OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/tiny_cpu}
 TEACHER=${TEACHER:-1}
 ALGO=${ALGO:-tip_opd}
