@@ -3,13 +3,11 @@ and the verl 0.9.1 patch that routes the actor's log-probs through it."""
 
 import importlib.metadata
 import importlib.util
-import pathlib
 import py_compile
-import shutil
-import subprocess
 
 import pytest
 import torch
+from verl_patching import apply_to_copy_of_installed_verl
 
 from tip_verl.core.selected_logits import scatter_selected, selected_token_logprobs
 
@@ -252,7 +250,7 @@ def test_scatter_rejects_count_mismatch():
 
 # --- the verl 0.9.1 patch (patches/verl-0.9.1-tip-selected-logprobs.patch) ---
 
-PATCH = pathlib.Path(__file__).resolve().parents[1] / "patches" / "verl-0.9.1-tip-selected-logprobs.patch"
+PATCH_NAME = "verl-0.9.1-tip-selected-logprobs.patch"
 PATCHED_FILES = [
     "verl/workers/utils/padding.py",
     "verl/models/transformers/dense_common.py",
@@ -263,19 +261,7 @@ PATCHED_FILES = [
 @pytest.fixture(scope="module")
 def patched_verl(tmp_path_factory):
     """Copy of the installed verl files the patch touches, with the patch applied."""
-    spec = importlib.util.find_spec("verl")
-    if spec is None or shutil.which("patch") is None:
-        pytest.skip("needs verl installed and the `patch` program")
-    site = pathlib.Path(spec.submodule_search_locations[0]).parent
-    root = tmp_path_factory.mktemp("verl_copy")
-    for f in PATCHED_FILES:
-        (root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(site / f, root / f)
-    dry = subprocess.run(["patch", "-p1", "--dry-run", "-i", str(PATCH)], cwd=root, capture_output=True, text=True)
-    assert dry.returncode == 0, dry.stdout + dry.stderr
-    real = subprocess.run(["patch", "-p1", "-i", str(PATCH)], cwd=root, capture_output=True, text=True)
-    assert real.returncode == 0, real.stdout + real.stderr
-    return root
+    return apply_to_copy_of_installed_verl(PATCH_NAME, PATCHED_FILES, tmp_path_factory.mktemp("verl_copy"))
 
 
 def _load(path, name):

@@ -14,10 +14,8 @@ About 5-7 minutes on 2 (shared) cores; those tests are marked ``e2e`` (select or
 prompt log-prob layout, and the upstream patch applying to the installed verl.
 """
 
-import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from verl_patching import apply_to_copy_of_installed_verl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_tiny_cpu.sh"
@@ -34,7 +33,7 @@ TIP_RATIO = 0.5
 # Log-probs of the same tokens under the same weights agree to float32 rounding (~1e-8);
 # one Adam step at lr 1e-3 moves them by far more than this.
 SYNCED_MAX_DIFF = 1e-5
-BACKEND_PATCH = REPO_ROOT / "patches" / "verl-0.9.1-cpu-process-group-backend.diff"
+BACKEND_PATCH = "verl-0.9.1-cpu-process-group-backend.diff"
 
 
 def run_tiny(
@@ -206,20 +205,10 @@ def test_prompt_logprobs_follow_verl_teacher_layout():
     assert top_ids[0][0] == int(expected[0].argmax()) and top[0] == sorted(top[0], reverse=True)
 
 
-@pytest.mark.skipif(shutil.which("patch") is None, reason="needs the patch tool")
 def test_backend_patch_applies_to_installed_verl(tmp_path):
-    verl_dir = Path(importlib.util.find_spec("verl").origin).parent
-    target = tmp_path / "verl" / "utils" / "distributed.py"
-    target.parent.mkdir(parents=True)
-    shutil.copy(verl_dir / "utils" / "distributed.py", target)
-    for extra in (["--dry-run"], []):
-        result = subprocess.run(
-            ["patch", "-p1", "--forward", *extra, "-i", str(BACKEND_PATCH)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+    relative = "verl/utils/distributed.py"
+    apply_to_copy_of_installed_verl(BACKEND_PATCH, [relative], tmp_path)
+    target = tmp_path / relative
     patched = target.read_text()
     assert 'backend = backend or default_process_group_backend()' in patched
     assert 'return "cpu:gloo"' in patched
