@@ -184,6 +184,29 @@ def test_cpu_mode_is_off_unless_requested():
     assert on.stdout.split() == ["cpu", "True"], on.stderr[-2000:]
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.7, -1), (1.0, 3), (0.0, -1)])
+def test_sampled_logprobs_match_a_full_forward(temperature, top_k):
+    from tip_verl.cpu.hf_generation import SamplingSettings, generate_with_logprobs
+    from tip_verl.cpu.prepare import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, num_layers=1, seed=0).eval()
+    prompt = tokenizer("<|user|> 3 + 4 = <|assistant|>")["input_ids"]
+    torch.manual_seed(0)
+    settings = SamplingSettings(max_tokens=6, temperature=temperature, top_k=top_k)
+    ids, log_probs = generate_with_logprobs(model, prompt, settings, {tokenizer.eos_token_id})
+    assert 1 <= len(ids) == len(log_probs) <= 6
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    expected = torch.log_softmax(scaled, dim=-1).gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(log_probs), expected, atol=1e-4, rtol=1e-4)
+    if temperature == 0.0:
+        assert ids == logits.argmax(dim=-1).tolist()
+    if top_k > 0:
+        assert all(torch.topk(row, top_k).values[-1] <= row[token] for row, token in zip(logits, ids))
+
+
 def test_prompt_logprobs_follow_verl_teacher_layout():
     from tip_verl.cpu.hf_generation import prompt_logprobs
     from tip_verl.cpu.prepare import build_model, build_tokenizer

@@ -30,55 +30,34 @@ class SamplingSettings:
         return self.temperature <= 0.0
 
 
-def _filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Mask logits outside top-k / top-p (nucleus); ``logits`` is 1-D, already temperature-scaled."""
-    if settings.top_k is not None and 0 < settings.top_k < logits.numel():
-        kth_value = torch.topk(logits, settings.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_value, float("-inf"))
-    if settings.top_p is not None and settings.top_p < 1.0:
-        sorted_logits, sorted_ids = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) > settings.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, sorted_ids, drop_sorted), float("-inf"))
-    return logits
-
-
-def _pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> tuple[int, float]:
-    """Choose the next token; return it with its log-prob under the (temperature-scaled) model distribution."""
-    if settings.greedy:
-        token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits.float(), dim=-1)[token])
-    scaled = logits.float() / settings.temperature
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    filtered = _filter_logits(scaled, settings)
-    token = int(torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator))
-    return token, float(log_probs[token])
-
-
 @torch.no_grad()
 def generate_with_logprobs(
-    model,
-    prompt_ids: list[int],
-    settings: SamplingSettings,
-    eos_token_ids: set[int],
-    generator: torch.Generator,
-) -> tuple[list[int], list[float], str]:
-    """Sample a response with a KV cache; return (token_ids, log_probs, finish_reason)."""
+    model, prompt_ids: list[int], settings: SamplingSettings, eos_token_ids: set[int]
+) -> tuple[list[int], list[float]]:
+    """Sample a response with Hugging Face `generate` (KV cache, top-k / top-p as vLLM's parameters say);
+    return (token_ids, log_probs) with the log-probs under the temperature-scaled, unfiltered distribution."""
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-    past_key_values = None
-    token_ids, log_probs = [], []
-    finish_reason = "length"
-    for _ in range(settings.max_tokens):
-        output = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
-        past_key_values = output.past_key_values
-        token, log_prob = _pick_token(output.logits[0, -1], settings, generator)
-        token_ids.append(token)
-        log_probs.append(log_prob)
-        if token in eos_token_ids:
-            finish_reason = "stop"
-            break
-        input_ids = torch.tensor([[token]], dtype=torch.long)
-    return token_ids, log_probs, finish_reason
+    sampling = {} if settings.greedy else {
+        "temperature": settings.temperature,
+        "top_k": settings.top_k if settings.top_k and settings.top_k > 0 else 0,
+        "top_p": settings.top_p,
+    }
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=settings.max_tokens,
+        do_sample=not settings.greedy,
+        eos_token_id=sorted(eos_token_ids),
+        pad_token_id=min(eos_token_ids),
+        output_logits=True,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+    token_ids = output.sequences[0, input_ids.shape[1] :]
+    scale = 1.0 if settings.greedy else settings.temperature
+    logits = torch.stack(output.logits, dim=1)[0].float() / scale
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return token_ids.tolist(), log_probs.tolist()
 
 
 @torch.no_grad()

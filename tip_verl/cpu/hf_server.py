@@ -59,7 +59,7 @@ class HFRolloutServer:
         dtype = getattr(torch, self.config.dtype) if isinstance(self.config.dtype, str) else self.config.dtype
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").eval()
         self.eos_token_ids = _eos_token_ids(model_path, self.model_config)
-        self.generator = torch.Generator().manual_seed(int(self.config.seed) + replica_rank)
+        torch.manual_seed(int(self.config.seed) + replica_rank)  # one server per process: generate's sampling RNG
         self.ignore_weight_updates = bool((self.config.custom or {}).get(IGNORE_WEIGHT_UPDATES_KEY, False))
         self.global_steps: Optional[int] = None
 
@@ -94,9 +94,7 @@ class HFRolloutServer:
         if num_prompt_logprobs is not None:
             ids, values = prompt_logprobs(self.model, prompt_ids, int(num_prompt_logprobs))
             extra_fields["prompt_ids"], extra_fields["prompt_logprobs"] = ids, values
-        token_ids, log_probs, _ = generate_with_logprobs(
-            self.model, prompt_ids, settings, self.eos_token_ids, self.generator
-        )
+        token_ids, log_probs = generate_with_logprobs(self.model, prompt_ids, settings, self.eos_token_ids)
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs if sampling_params.get("logprobs") else None,
