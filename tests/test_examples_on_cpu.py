@@ -29,7 +29,13 @@ import math
 
 import pytest
 from omegaconf import OmegaConf
-from test_examples_compose import SCRIPTS, algorithm_overrides, algorithm_summary, compose_verl, script_arguments
+from test_examples_compose import (
+    SCRIPTS,
+    algorithm_overrides,
+    algorithm_summary,
+    compose_verl,
+    script_arguments,
+)
 from test_verl_cpu_e2e import by_step, run_tiny
 
 from tip_verl.core.schedule import teacher_coef_multiplier

@@ -3,7 +3,12 @@
 import torch
 
 from tip_verl.local.assets import load_role
-from tip_verl.local.rollout import response_logits, sample, selected_logprobs, token_logprobs
+from tip_verl.local.rollout import (
+    response_logits,
+    sample,
+    selected_logprobs,
+    token_logprobs,
+)
 from tip_verl.local.tasks import DEFAULT_TASK, get_task
 
 

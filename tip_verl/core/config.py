@@ -65,22 +65,30 @@ class TipConfig:
     @classmethod
     def from_any(cls, config: Any) -> "TipConfig":
         """Build from None, a TipConfig, a mapping of TIP keys, or a verl algorithm config holding `tip`."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        section = _as_plain_mapping(config)
+        if config is None or isinstance(config, cls):
+            return config or cls()
+        section = _as_plain_mapping(config, "algorithm.tip")
         if "tip" in section or "adv_estimator" in section:  # a whole verl `algorithm` section
-            section = _as_plain_mapping(section.get("tip") or {})
-        unknown = sorted(set(section) - _field_names())
-        if unknown:
-            raise ValueError(
-                f"Unknown key(s) {unknown} in algorithm.tip; valid keys are {sorted(_field_names())}."
-            )
-        return cls(**section)
+            section = section.get("tip")
+        return build_section(cls, section, "algorithm.tip")
 
 
-def _as_plain_mapping(config: Any) -> dict:
+def build_section(cls: type, section: Any, name: str) -> Any:
+    """Build dataclass `cls` from None, an instance, or a mapping (dict or DictConfig) of its fields.
+
+    Unknown keys raise, naming the config section `name` and the valid keys.
+    """
+    if section is None or isinstance(section, cls):
+        return section or cls()
+    values = _as_plain_mapping(section, name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {name}; valid keys are {sorted(fields)}.")
+    return cls(**values)
+
+
+def _as_plain_mapping(config: Any, name: str) -> dict:
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -92,11 +100,7 @@ def _as_plain_mapping(config: Any) -> dict:
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     if isinstance(config, Mapping):
         return dict(config)
-    raise TypeError(f"algorithm.tip must be a mapping (dict or DictConfig), got {type(config).__name__}.")
-
-
-def _field_names() -> set:
-    return {f.name for f in dataclasses.fields(TipConfig)}
+    raise TypeError(f"{name} must be a mapping (dict or DictConfig), got {type(config).__name__}.")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

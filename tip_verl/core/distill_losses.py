@@ -10,15 +10,16 @@ Shapes: B rollouts of the micro-batch, T response positions (right-padded), K te
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
+from tip_verl.core.config import build_section
 from tip_verl.core.schedule import check_schedule
-from tip_verl.core.selection import SelectionInputs, selection_budget, select_tokens
+from tip_verl.core.scores import check_finite
+from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget
 
 ENTROPY_RULES = ("entropy", "entropy_sample", "soft_or", "q3")
 ROUTE_DROP = "none"
@@ -81,18 +82,8 @@ class TipLossConfig:
 
     @classmethod
     def from_any(cls, config: Any) -> "TipLossConfig":
-        """Build from None, a TipLossConfig or a plain mapping (dict / DictConfig converted by the caller)."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        if not isinstance(config, Mapping):
-            raise TypeError(f"algorithm.tip_loss must be a mapping, got {type(config).__name__}.")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - fields)
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} in algorithm.tip_loss; valid keys are {sorted(fields)}.")
-        return cls(**dict(config))
+        """Build from None, a TipLossConfig or a mapping (dict or DictConfig) of `algorithm.tip_loss` keys."""
+        return build_section(cls, config, "algorithm.tip_loss")
 
 
 def check_loss_inputs(response_mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
@@ -105,13 +96,7 @@ def check_loss_inputs(response_mask: torch.Tensor, **tensors: Optional[torch.Ten
                 f"{name} has shape {tuple(tensor.shape)} but the response mask has {tuple(response_mask.shape)}; "
                 "both must be aligned to the response tokens (batch, response_length)."
             )
-        mask = response_mask.bool().reshape(*response_mask.shape, *[1] * (tensor.dim() - 2))
-        bad = ~torch.isfinite(tensor.detach()) & mask
-        if bad.any():
-            raise ValueError(
-                f"{name} has {int(bad.sum())} NaN/inf value(s) at response tokens: check the model dtype and the "
-                "teacher's log-probs (distillation.distillation_loss.log_prob_min_clamp bounds -inf log-probs)."
-            )
+        check_finite(name, tensor, response_mask)
 
 
 def teacher_topk_entropy(teacher_topk_logprobs: torch.Tensor) -> torch.Tensor:

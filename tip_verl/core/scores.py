@@ -13,14 +13,18 @@ import torch
 
 
 def check_finite(name: str, values: torch.Tensor, response_mask: torch.Tensor) -> None:
-    """Raise if `values` (B, T) holds NaN or inf at a valid response position."""
-    bad = ~torch.isfinite(values) & response_mask.bool()
+    """Raise if `values` (B, T, ...) holds NaN or inf at a valid response position of `response_mask` (B, T)."""
+    bad = ~torch.isfinite(values.detach())
+    if bad.dim() > 2:
+        bad = bad.flatten(2).any(dim=-1)
+    bad &= response_mask.bool()
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"{name} has {int(bad.sum())} NaN/inf value(s) at valid response tokens "
-            f"(first at rollout {row}, position {col}: {values[row, col].item()}). "
-            "Check the model's dtype and logits, and that the teacher returned a log-prob for every response token."
+            f"(first at rollout {row}, position {col}). Check the model's dtype and logits, and that the teacher "
+            "returned a log-prob for every response token (on the loss route, "
+            "distillation.distillation_loss.log_prob_min_clamp bounds -inf log-probs)."
         )
 
 

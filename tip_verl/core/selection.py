@@ -13,7 +13,12 @@ from typing import Callable, Optional
 
 import torch
 
-from tip_verl.core.scores import masked_quantile, minmax_normalize, q3_score, soft_or_score
+from tip_verl.core.scores import (
+    masked_quantile,
+    minmax_normalize,
+    q3_score,
+    soft_or_score,
+)
 
 
 @dataclass

@@ -9,7 +9,6 @@ them as harmless no-ops (memory queries answer from the host's RAM).
 import os
 
 import torch
-
 from torch.cpu import (  # noqa: F401  (re-exported: part of the device-module surface)
     Event,
     Stream,

@@ -13,7 +13,6 @@ from typing import Generator
 
 import ray
 import torch
-
 from verl.workers.rollout.base import BaseRollout
 
 from tip_verl.cpu.hf_replica import server_actor_name

@@ -8,7 +8,6 @@ teacher's pool). A replica has exactly one process: no tensor parallelism.
 """
 
 import ray
-
 from verl.workers.rollout.replica import RolloutReplica
 
 from tip_verl.cpu.hf_server import HFRolloutServer

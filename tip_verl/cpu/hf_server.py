@@ -15,12 +15,15 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, GenerationConfig
-
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
 from verl.workers.rollout.replica import TokenOutput
 
-from tip_verl.cpu.hf_generation import SamplingSettings, generate_with_logprobs, prompt_logprobs
+from tip_verl.cpu.hf_generation import (
+    SamplingSettings,
+    generate_with_logprobs,
+    prompt_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 

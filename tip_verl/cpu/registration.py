@@ -36,7 +36,10 @@ def register_engines() -> None:
     layer for everything device-specific, so they run on the CPU as they are.
     """
     from verl.workers.engine.fsdp import transformer_impl
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+    from verl.workers.engine.fsdp.transformer_impl import (
+        FSDPEngineWithLMHead,
+        FSDPEngineWithValueHead,
+    )
 
     if transformer_impl.device_name != "cpu":
         raise RuntimeError(

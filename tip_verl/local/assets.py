@@ -12,8 +12,13 @@ from typing import Callable
 
 import torch
 
-from tip_verl.local.evaluate import greedy_accuracy
-from tip_verl.local.models import STUDENT_SIZE, TEACHER_SIZE, count_params, load_model, save_model
+from tip_verl.local.models import (
+    STUDENT_SIZE,
+    TEACHER_SIZE,
+    count_params,
+    load_model,
+    save_model,
+)
 from tip_verl.local.pretrain import STUDENT_PLAN, TEACHER_PLAN, supervised_train
 from tip_verl.local.tasks import Task
 

@@ -31,7 +31,12 @@ from tip_verl.core.advantages import TipTokens
 from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.core.scores import divergence_estimate
-from tip_verl.local.checkpoint import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint
+from tip_verl.local.checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tip_verl.local.evaluate import greedy_accuracy
 from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations

@@ -21,10 +21,12 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from verl.trainer.distillation import losses as verl_losses
-from verl.trainer.distillation.losses import DistillationLossSettings, register_distillation_loss
+from verl.trainer.distillation.losses import (
+    DistillationLossSettings,
+    register_distillation_loss,
+)
 from verl.trainer.ppo.core_algos import kl_penalty
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
@@ -53,18 +55,14 @@ TOPK_LOSSES = (TIP_PREFIX + "forward_kl_topk", ENTROPY_AWARE_TOPK)
 SETTINGS_KEY = "tip_loss_route"
 
 
-def _plain(section: Any) -> Any:
-    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
-
-
 def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
     """Validate `algorithm.tip`, `algorithm.tip_loss` and, for a tip_* loss_mode, its verl settings.
 
     config: the whole trainer config (DictConfig or nested dicts). Returns the two typed sections.
     """
     algorithm = config["algorithm"]
-    tip = TipConfig.from_any(_plain(algorithm.get("tip")) or {})
-    tip_loss = TipLossConfig.from_any(_plain(algorithm.get("tip_loss")))
+    tip = TipConfig.from_any(algorithm.get("tip"))
+    tip_loss = TipLossConfig.from_any(algorithm.get("tip_loss"))
     distillation = config.get("distillation") or {}
     loss_config = distillation.get("distillation_loss") or {}
     loss_mode = loss_config.get("loss_mode", "")
