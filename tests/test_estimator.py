@@ -99,3 +99,22 @@ def test_inputs_from_trainer_step_and_metrics():
     assert metrics["tip/teacher_reward/unselected_mean"] == pytest.approx(unselected_sum / 5)
     shares = [metrics[f"tip/quadrant/q{q}_share"] for q in (1, 2, 3, 4)]
     assert sum(shares) == pytest.approx(1.0)
+
+
+def random_rule_selection(step):
+    with tip_step(TipStep(step=step, old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY)) as bound:
+        run("teacher_only", rule="random", seed=7)
+    return bound.tokens.selected
+
+
+def test_random_rule_draws_depend_on_seed_and_step_not_on_the_steps_before(monkeypatch):
+    from tip_verl.verl_ext import rng
+
+    monkeypatch.setattr(rng, "_generators", {})
+    uninterrupted = [random_rule_selection(step) for step in range(12)]
+    monkeypatch.setattr(rng, "_generators", {})  # a resumed process: nothing drawn before step 9
+    resumed = [random_rule_selection(step) for step in range(9, 12)]
+    for step, selected in zip(range(9, 12), resumed):
+        assert torch.equal(selected, uninterrupted[step])
+    # the steps do draw differently (4 rollouts, 3 * 2 * 3 * 1 = 18 possible selections each)
+    assert len({tuple(selected.flatten().tolist()) for selected in uninterrupted}) > 3

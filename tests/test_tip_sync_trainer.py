@@ -51,6 +51,15 @@ def test_sync_behaviour_is_kept_under_the_new_mode_name():
         del TRAINER_REGISTRY["tip_test_unpinned"]
 
 
+@pytest.mark.parametrize("mix", ["teacher_only", "replace"])
+def test_teacher_only_run_is_told_how_to_skip_the_dropped_tokens_logits(mix, monkeypatch, caplog):
+    monkeypatch.setitem(TIP, "mix", mix)
+    with caplog.at_level("WARNING", logger="tip_verl.verl_ext.trainer"):
+        TipSyncTrainer(verl_config())
+    told = "patches/verl-0.9.1-tip-selected-logprobs.patch" in caplog.text
+    assert told == (mix == "teacher_only")  # replace trains every token: nothing to skip
+
+
 # (prompt length, response length, outcome score) of four rollouts of two prompts
 ROLLOUTS = [(3, 4, 1.0), (2, 2, 0.0), (4, 3, 1.0), (3, 1, 0.0)]
 
@@ -108,6 +117,7 @@ def test_advantage_step_reads_entropy_old_and_teacher_response_part(transfer_que
     batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
 
     trainer = TipSyncTrainer(verl_config())
+    trainer.global_steps = 1
     metrics = {}
     trainer._compute_advantage(batch, metrics)
     stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
@@ -143,3 +153,50 @@ def test_ray_worker_sees_our_names_after_a_plain_import_verl(transfer_queue):
         return "tip_opd" in ADV_ESTIMATOR_REGISTRY, "tip_sync" in TRAINER_REGISTRY
 
     assert ray.get(registered_names.remote()) == (True, True)
+
+
+class RecordingActor:
+    """Stands in for verl's actor worker group: reads the fields the batch's metadata names from TransferQueue,
+    as verl's worker does."""
+
+    def __init__(self, tq):
+        self.tq, self.seen = tq, None
+
+    def update_actor(self, batch):
+        self.seen = self.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=batch.fields)
+        return {"metrics": {"mfu": [0.0], "pg_loss": [0.0]}}
+
+
+@pytest.mark.parametrize("mix", ["teacher_only", "replace"])
+def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_queue, mix, monkeypatch):
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = transfer_queue
+    monkeypatch.setitem(TIP, "mix", mix)
+    samples, _ = make_samples(torch.Generator().manual_seed(1))
+    for sample in samples:
+        sample["loss_mask"] = sample["response_mask"].clone()
+    keys = [f"{mix}_prompt{i // 2}_{i}_0" for i in range(len(samples))]
+    batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
+
+    trainer = TipSyncTrainer(verl_config())
+    trainer.actor_rollout_wg, trainer.global_steps = RecordingActor(tq), 1
+    batch = trainer._compute_advantage(batch, {})
+    trainer._update_actor(batch, {})
+
+    seen = trainer.actor_rollout_wg.seen
+    full = pad([s["response_mask"] for s in samples], 4)
+    after = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["response_mask", "loss_mask"])
+    for name in ("response_mask", "loss_mask"):
+        torch.testing.assert_close(after[name].to_padded_tensor(0), full)  # put back after the update
+    seen_mask = seen["response_mask"].to_padded_tensor(0)
+    torch.testing.assert_close(seen["loss_mask"].to_padded_tensor(0), seen_mask)
+    if mix == "teacher_only":
+        # teacher_only: the teacher reward (never exactly 0 here) on selected tokens, 0 elsewhere
+        expected = full * (seen["advantages"].to_padded_tensor(0.0) != 0)
+        assert expected.sum() == 5  # budgets 2, 1, 1, 1
+        torch.testing.assert_close(seen_mask, expected)
+        torch.testing.assert_close(seen["tip_selected"].to_padded_tensor(0).long(), expected)
+    else:
+        torch.testing.assert_close(seen_mask, full)
+        assert "tip_selected" not in seen.keys()  # the patched engine would require response_mask within it

@@ -15,6 +15,7 @@ prompt log-prob layout, and the upstream patch applying to the installed verl.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -165,6 +166,63 @@ def test_topk_teacher_logprobs_reach_the_loss(frozen_rollout_run):
     for metrics in frozen_rollout_run.values():
         assert metrics["actor/grad_norm"] > 0.0
         assert 0.0 < metrics["actor/distillation/teacher_mass"] <= 1.0, "teacher's top-8 probability mass"
+
+
+SELECTED_PATCH = "verl-0.9.1-tip-selected-logprobs.patch"
+FUSED_REMOVE_PADDING = (
+    "actor_rollout_ref.model.use_remove_padding=true",
+    "actor_rollout_ref.model.use_fused_kernels=true",
+    "actor_rollout_ref.model.fused_kernel_options.impl_backend=torch",
+)
+HEAD_PROBE = "TIP_TEST_LM_HEAD_TOKENS"
+
+
+@pytest.fixture(scope="module")
+def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], str]:
+    """Pure OPD on the selected tokens (mix=teacher_only) with verl patched by the selected-logprobs patch.
+
+    verl is a patched copy of the installed package, first on PYTHONPATH for every process of the run. The test
+    adds one print to its copy, in the patched forward: how many tokens the LM head ran on, of how many packed.
+    """
+    verl_copy = apply_to_copy_of_installed_verl(SELECTED_PATCH, None, tmp_path_factory.mktemp("patched_verl"))
+    forward = verl_copy / "verl" / "models" / "transformers" / "dense_common.py"
+    anchor = "        selected = tip_selected.to(device=hidden_states.device, dtype=torch.bool)\n"
+    probe = f'        print("{HEAD_PROBE}", int(selected.sum()), selected.numel(), torch.is_grad_enabled(), flush=True)\n'
+    assert forward.read_text().count(anchor) == 1
+    forward.write_text(forward.read_text().replace(anchor, anchor + probe))
+
+    out_dir = tmp_path_factory.mktemp("selected_lm_head")
+    records = run_tiny(
+        tiny_dir,
+        out_dir,
+        out_dir / "selected.jsonl",
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        "trainer.resume_mode=disable",
+        "+algorithm.tip.mix=teacher_only",
+        *FUSED_REMOVE_PADDING,
+        script_env={"PYTHONPATH": str(verl_copy)},
+    )
+    return by_step(records), (out_dir / "selected.log").read_text()
+
+
+@pytest.mark.e2e
+def test_patched_actor_computes_logits_only_at_the_selected_tokens(selected_lm_head_run):
+    steps, log = selected_lm_head_run
+    probes = [line.split(HEAD_PROBE)[1].split() for line in log.splitlines() if HEAD_PROBE in line]
+    assert probes, "the patched selected-token forward never ran"
+    assert all(grad == "True" for _, _, grad in probes), "only the update (with grad) carries tip_selected"
+    head_tokens = sum(int(selected) for selected, _, _ in probes)
+    assert all(int(selected) < int(packed) for selected, packed, _ in probes)
+    # The LM head ran on exactly the tokens TIP selected: the selected fraction of all response tokens.
+    rollouts = 4 * 4  # data.train_batch_size x rollout.n of run_tiny_cpu.sh
+    expected = sum(m["tip/selected_fraction"] * m["response_length/mean"] * rollouts for m in steps.values())
+    assert head_tokens == pytest.approx(expected, abs=1e-3)
+    assert "no memory saved" not in log, "patched and configured: the trainer must not advise anything"
+    for metrics in steps.values():
+        assert metrics["actor/grad_norm"] > 0.0 and math.isfinite(metrics["actor/pg_loss"])
+        assert metrics["training/rollout_probs_diff_max"] < SYNCED_MAX_DIFF, "remove-padding forward on CPU is exact"
 
 
 def test_cpu_mode_is_off_unless_requested():

@@ -22,7 +22,7 @@ import pandas as pd
 
 DATA_SOURCE = "tiny_addition"
 STAMP_NAME = "prepared.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -52,7 +52,11 @@ def build_tokenizer():
 
 
 def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
-    """A tiny Llama-style causal LM from a config (head_dim 32), random init."""
+    """A tiny Llama-style causal LM from a config (head_dim 32), random init.
+
+    The LM head is tied to the embeddings, as in Qwen3's small models. (Untied, verl 0.9.1's FSDP2 shards
+    `lm_head` as its own unit, which its fused-kernel forward reads without gathering: a DTensor error.)
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +72,7 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 

@@ -70,7 +70,7 @@ def compute_tip_opd_advantage(
         old_log_probs=old_log_probs,
         teacher_logprobs=teacher_logprobs,
         entropy=entropy,
-        generator=selection_generator(tip_config.seed),
+        generator=selection_generator(tip_config.seed, step.step if step is not None else None),
     )
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,

@@ -106,9 +106,8 @@ def loss_route_settings(config: Any, global_steps: int) -> dict:
     config: the whole trainer config; global_steps: verl's 1-based step counter of the update.
     """
     tip, tip_loss = check_loss_route(config)
-    return {
-        SETTINGS_KEY: {"tip": dataclasses.asdict(tip), "tip_loss": dataclasses.asdict(tip_loss), "step": global_steps - 1}
-    }
+    settings = {"tip": dataclasses.asdict(tip), "tip_loss": dataclasses.asdict(tip_loss), "step": global_steps - 1}
+    return {SETTINGS_KEY: settings}
 
 
 def _read_settings(data: TensorDict) -> tuple[TipConfig, TipLossConfig, int]:
@@ -165,7 +164,8 @@ def apply_tip(
     metrics: dict[str, Any] = {}
     losses, eligible = own_losses, response_mask
     if tip_loss.routes_by_outcome:
-        correct = rollout_correct(_rollout_scores(data, tip_loss.score_field, response_mask), tip_loss.correct_threshold)
+        scores = _rollout_scores(data, tip_loss.score_field, response_mask)
+        correct = rollout_correct(scores, tip_loss.correct_threshold)
 
         def route(name: Optional[str]) -> Optional[torch.Tensor]:
             return None if name == ROUTE_DROP else own_losses if name is None else divergence(name)
@@ -179,7 +179,8 @@ def apply_tip(
     entropy = model_output.get("entropy")
     entropy = no_padding_2_padding(entropy, data) if entropy is not None else None
     check_loss_inputs(response_mask, distillation_losses=losses, entropy=entropy)
-    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, selection_generator(tip.seed))
+    generator = selection_generator(tip.seed, step)
+    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, generator)
     multiplier = teacher_coef_multiplier(
         step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
     )

@@ -1,16 +1,25 @@
 """Seeded generators for the random selection rules (random, entropy_sample)."""
 
+from typing import Optional
+
+import numpy as np
 import torch
 
-_generators: dict[int, torch.Generator] = {}
+_generators: dict[int, tuple[Optional[int], torch.Generator]] = {}
 
 
-def selection_generator(seed: int) -> torch.Generator:
-    """One generator per seed per process, offset by the distributed rank so data-parallel ranks differ.
+def selection_generator(seed: int, step: Optional[int] = None) -> torch.Generator:
+    """The generator of the random rules for training step `step`, offset by the distributed rank.
 
-    The draws are deterministic given the seed and the order of the steps.
+    With a step, the stream starts from (seed, step, rank) the first time the step asks for it and continues
+    through the step's later calls (micro-batches, epochs), so the draws depend only on the seed, the step and
+    the order of calls within it: a run resumed from a checkpoint draws what the uninterrupted run drew.
+    Without a step, one stream per seed for the whole process.
     """
-    if seed not in _generators:
+    cached_step, generator = _generators.get(seed, (None, None))
+    if generator is None or cached_step != step:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        _generators[seed] = torch.Generator().manual_seed(seed + rank)
-    return _generators[seed]
+        entropy = [seed, rank] if step is None else [seed, rank, step]
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        _generators[seed] = (step, generator)
+    return generator

@@ -19,8 +19,12 @@ from tip_verl.core.advantages import TipTokens
 
 @dataclass
 class TipStep:
-    """Inputs of one advantage step, each (batch, response_length), and the estimator's output."""
+    """Inputs of one advantage step, each (batch, response_length), and the estimator's output.
 
+    step: verl's 0-based training step, which seeds the random rules (see rng.selection_generator).
+    """
+
+    step: Optional[int] = None
     old_log_probs: Optional[torch.Tensor] = None
     teacher_logprobs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None

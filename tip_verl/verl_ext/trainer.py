@@ -5,6 +5,13 @@ reads `entropy` and `old_log_probs` (written by the old-log-prob step) and the r
 `teacher_logprobs` (written by verl's teacher for the whole sequence) from TransferQueue, binds them for
 `tip_opd`, runs verl's own advantage step unchanged, and adds `tip/` metrics.
 
+With `algorithm.tip.mix=teacher_only` the unselected tokens carry no signal, so the actor update reads only
+the selected ones: for the update alone, `response_mask` and `loss_mask` are ANDed with the selection (the
+policy loss, its token-mean, the entropy bonus and the KL loss then average over the selected tokens, the
+paper's 1/|T|), and the selection is sent as the `tip_selected` field, which the pinned
+`patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other tokens. The full masks
+are put back after the update, for verl's metrics and the next stages.
+
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
 silently run those as an async trainer. `trainer_mode` is therefore pinned to "sync" here, and settings
@@ -13,18 +20,27 @@ under `trainer.v1.sync` apply as for the stock sync trainer.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import transfer_queue as tq
+from tensordict import TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-from verl.workers.utils.padding import response_from_nested
+from verl.workers.utils.padding import response_from_nested, response_to_nested
 
+from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.verl_ext.estimator import TIP_OPD
 from tip_verl.verl_ext.losses import check_loss_route, loss_route_settings
+from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
+logger = logging.getLogger(__name__)
+
 TIP_TRAINER_MODE = "tip_sync"
+TIP_SELECTED = "tip_selected"
+LOSS_MASKS = ("response_mask", "loss_mask")
 
 
 def sampled_token_teacher_logprobs(
@@ -56,6 +72,21 @@ def sampled_token_teacher_logprobs(
     return (response_part * found).sum(dim=-1)
 
 
+def updates_selected_only(config) -> bool:
+    """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only."""
+    return config.algorithm.adv_estimator == TIP_OPD and TipConfig.from_any(config.algorithm).mix == "teacher_only"
+
+
+def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
+    """Each nested (bs, response_len) mask in `masks` ANDed with the nested bool `selected` (same layout)."""
+    keep = selected.values().bool()
+    restricted = {
+        name: torch.nested.nested_tensor_from_jagged(mask.values() * keep, offsets=mask.offsets())
+        for name, mask in masks.items()
+    }
+    return TensorDict(restricted, batch_size=masks.batch_size)
+
+
 @register_trainer(TIP_TRAINER_MODE)
 class TipSyncTrainer(PPOTrainerSync):
     """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs, and the
@@ -63,6 +94,9 @@ class TipSyncTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
+        advice = selected_lm_head_advice(config) if updates_selected_only(config) else None
+        if advice:
+            logger.warning(advice)
         super().__init__(config)
 
     @property
@@ -83,6 +117,7 @@ class TipSyncTrainer(PPOTrainerSync):
             fields += ["teacher_ids", "responses"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         step = TipStep(
+            step=self.global_steps - 1,
             old_log_probs=data["old_log_probs"].to_padded_tensor(0.0),
             entropy=data["entropy"].to_padded_tensor(0.0),
             teacher_logprobs=sampled_token_teacher_logprobs(
@@ -91,10 +126,27 @@ class TipSyncTrainer(PPOTrainerSync):
         )
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
-        metrics.update(tip_metrics(step.tokens, data["response_mask"].to_padded_tensor(0)))
+        response_mask = data["response_mask"]
+        metrics.update(tip_metrics(step.tokens, response_mask.to_padded_tensor(0)))
+        if self._updates_selected_only():
+            selected = TensorDict({TIP_SELECTED: response_to_nested(step.tokens.selected, response_mask)}, len(batch))
+            batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=selected)
         return batch
 
     def _update_actor(self, batch, metrics: dict):
         # verl's actor worker never sees `algorithm`; extra_info reaches every micro-batch of the update.
         batch.extra_info.update(loss_route_settings(self.config, self.global_steps))
-        return super()._update_actor(batch, metrics)
+        if not self._updates_selected_only():
+            return super()._update_actor(batch, metrics)
+        full_masks = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=[*LOSS_MASKS, TIP_SELECTED]
+        )
+        restricted = masks_on_selected(full_masks, full_masks.pop(TIP_SELECTED))
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=restricted)
+        try:
+            return super()._update_actor(batch, metrics)
+        finally:
+            tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=full_masks)
+
+    def _updates_selected_only(self) -> bool:
+        return updates_selected_only(self.config)
