@@ -104,6 +104,7 @@ EXPECTED = {
     "run_qwen3_8b_to_1p7b_hybrid_multinode.sh": ("advantage", "soft_or", 0.5),
     "run_qwen3_8b_to_1p7b_opd_soft_or.sh": ("loss", "soft_or", 0.5),
     "run_qwen3_8b_to_1p7b_opd_q3_10pct.sh": ("loss", "q3", 0.1),
+    "run_qwen3_8b_to_1p7b_opd_selected_head.sh": ("advantage", "soft_or", 0.5),
 }
 
 
@@ -123,6 +124,16 @@ def test_example_composes_and_validates(script):
     if "megatron" in script.name:
         assert config.actor_rollout_ref.actor.strategy == "megatron"
         assert config.actor_rollout_ref.actor.megatron.tensor_model_parallel_size == 2
+
+
+def test_selected_head_script_sets_everything_but_the_patch():
+    from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
+    from tip_verl.verl_ext.trainer import updates_selected_only
+
+    config = compose_verl(script_arguments(REPO / "examples" / "run_qwen3_8b_to_1p7b_opd_selected_head.sh"))
+    assert updates_selected_only(config)
+    advice = selected_lm_head_advice(config)  # the installed verl is unpatched: only the patch is missing
+    assert "patches/verl-0.9.1-tip-selected-logprobs.patch" in advice and "actor_rollout_ref" not in advice
 
 
 BROKEN = [

@@ -21,7 +21,7 @@ only in backend and resources and share one advantage-route section (``test_ever
 that every script runs with its default settings, ``test_scripts_of_a_run_share_its_algorithm_settings`` that
 the scripts of a run agree). One more run takes the pure OPD script's top-k knobs (``LOSS_MODE=
 tip_entropy_aware_topk``, the teacher's top-k log-probs from the ``hf`` teacher, and a linear schedule that
-halves the teacher coefficient at step 2). Four runs, about 6 minutes on 2 cores (mostly process start-up);
+halves the teacher coefficient at step 2). Five runs, about 7-8 minutes on 2 cores (mostly process start-up);
 marked e2e.
 """
 
@@ -54,6 +54,7 @@ RUNS = {  # one CPU run per distinct algorithm section: (the scripts it stands f
     "opd_soft_or": (("run_qwen3_8b_to_1p7b_opd_soft_or.sh",), {}),
     "opd_soft_or_topk_linear": (("run_qwen3_8b_to_1p7b_opd_soft_or.sh",), TOPK_KNOBS),
     "opd_q3_10pct": (("run_qwen3_8b_to_1p7b_opd_q3_10pct.sh",), {}),
+    "opd_selected_head": (("run_qwen3_8b_to_1p7b_opd_selected_head.sh",), {}),
 }
 LOSS_ROUTE_METRICS = (
     "actor/distillation/loss",

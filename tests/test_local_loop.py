@@ -73,3 +73,19 @@ def _copy(model):
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+def test_resumed_random_rule_run_repeats_the_uninterrupted_one(task_and_models, tmp_path):
+    task, teacher, student = task_and_models
+    config = dataclasses.replace(SMOKE, tip=TipConfig(rule="random", ratio=0.3, mix="teacher_only"), steps=3)
+    assert train(config, tmp_path / "whole", teacher, _copy(student)) == "completed"
+    first_two = dataclasses.replace(config, steps=2)
+    assert train(first_two, tmp_path / "split", teacher, _copy(student)) == "completed"
+    assert train(config, tmp_path / "split", teacher, _copy(student), resume=True) == "completed"
+
+    def last_step(run):
+        record = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+        return {key: value for key, value in record.items() if not key.startswith("time")}
+
+    whole, split = last_step("whole"), last_step("split")
+    assert whole["step"] == 3 and whole == split  # same tokens drawn, same update, same metrics

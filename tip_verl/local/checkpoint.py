@@ -1,7 +1,7 @@
 """Interrupt-safe run state: the student, the optimizer, RNG states and the step, written atomically.
 
-The estimator's own generator (random and entropy_sample rules) lives in the estimator and is not saved:
-after a resume those two rules draw a different (equally valid) stream.
+The estimator's generator (random and entropy_sample rules) needs no saving: it restarts from (seed, step)
+every step, so a resumed run draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations

@@ -120,8 +120,12 @@ def compute_advantages(
     old_log_probs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     entropy: torch.Tensor,
+    step: int,
 ) -> tuple[torch.Tensor, Optional[TipTokens]]:
-    """Advantages (N, T) from verl's registry, and what TIP selected (None for grpo). Inputs (N, T)."""
+    """Advantages (N, T) from verl's registry, and what TIP selected (None for grpo). Inputs (N, T).
+
+    step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
+    """
     estimator = get_adv_estimator_fn(config.adv_estimator)
     if config.adv_estimator == "grpo":
         advantages, _ = estimator(
@@ -131,7 +135,7 @@ def compute_advantages(
             norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo,
         )
         return advantages, None
-    with tip_step(TipStep()) as step:
+    with tip_step(TipStep(step=step - 1)) as bound:
         advantages, _ = estimator(
             token_level_rewards=rewards,
             response_mask=response_mask,
@@ -141,7 +145,7 @@ def compute_advantages(
             teacher_logprobs=teacher_logprobs,
             entropy=entropy,
         )
-    return advantages, step.tokens
+    return advantages, bound.tokens
 
 
 def loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens]) -> torch.Tensor:
@@ -171,8 +175,9 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     problem_rng: random.Random,
     actor: ActorConfig,
+    step: int,
 ) -> tuple[dict, dict]:
-    """One on-policy step. Returns its metrics and the per-token tensors of the batch (for plots)."""
+    """One on-policy step (`step`, 1-based). Returns its metrics and the per-token tensors of the batch."""
     timer, tokenizer = PhaseTimer(), task.tokenizer()
     problems = [task.sample(problem_rng) for _ in range(config.prompts_per_step)]
 
@@ -195,7 +200,7 @@ def train_step(
     with timer("student_forward"), torch.no_grad():
         old_log_prob, entropy = logprobs_and_entropy(student, rollout)
     with timer("advantage"):
-        advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy)
+        advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step)
     trained = loss_mask(config, mask, tokens)
     with saved_activations(student) as memory, timer("loss"):
         # the graph holds full-vocabulary buffers only for the trained tokens (all of them but with teacher_only)
@@ -284,7 +289,7 @@ def train(
     step = start
     with stop_on_interrupt() as stop:
         for step in range(start + 1, config.steps + 1):
-            metrics, batch = train_step(config, task, teacher, student, optimizer, problem_rng, actor)
+            metrics, batch = train_step(config, task, teacher, student, optimizer, problem_rng, actor, step)
             if step == config.dump_batch_at:
                 torch.save(batch, out / f"batch_step{step}.pt")
             if step % config.eval_every == 0 or step == config.steps:
