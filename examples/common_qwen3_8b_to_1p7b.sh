@@ -6,7 +6,8 @@
 # sources this file, which defines the hydra override arrays:
 #   COMMON           data, student model, actor settings of every backend, vLLM rollout, teacher, trainer
 #   FSDP_ACTOR       the FSDP actor backend
-#   ADVANTAGE_ROUTE  hybrid TIP-OPD + GRPO: the `tip_opd` advantage estimator; verl's own distillation loss off
+#   ADVANTAGE_ROUTE  the `tip_opd` advantage estimator (hybrid TIP-OPD + GRPO, or pure OPD with TIP_MIX=teacher_only);
+#                    verl's own distillation loss off
 #   LOSS_ROUTE       pure on-policy distillation: a tip_* distillation loss on the selected tokens, no task reward
 #
 # Knobs (environment), defaults: NNODES (1), STUDENT_MODEL (Qwen/Qwen3-1.7B), TEACHER_MODEL (Qwen/Qwen3-8B),

@@ -4,8 +4,8 @@
 # What it runs: the advantage route with mix=teacher_only, Qwen3-8B teacher -> Qwen3-1.7B student, FSDP + vLLM.
 # The selected tokens (Soft-OR, 50% of each response) get the per-token teacher reward
 # coef * (log pT(y_t) - log pS_old(y_t)); the others get nothing and are left out of the actor update
-# (`tip_sync` ANDs the update's response_mask and loss_mask with the selection, so the loss is a mean over the
-# selected tokens, the paper's 1/|T|). With verl's fused-kernel forward (torch backend, remove-padding) and
+# (`tip_sync` ANDs the update's response_mask and loss_mask with the selection, so with loss_agg_mode=token-mean
+# the loss is a mean over the selected tokens, the paper's 1/|T|). With verl's fused-kernel forward (torch backend, remove-padding) and
 # tip-verl's patch applied, the update builds full-vocabulary logits, log-softmax and their backward only at
 # those tokens: the memory the TIP paper saves by dropping tokens (docs/memory.md).
 #

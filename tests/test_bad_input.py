@@ -41,6 +41,7 @@ def estimate(tip=None, mask=MASK, old=OLD, teacher=TEACHER, entropy=ENTROPY):
         ({"entropy_quantile": 0}, "algorithm.tip.entropy_quantile=0 must be in (0, 1]"),
         ({"coef": math.nan}, "algorithm.tip.coef=nan: must be a finite number"),
         ({"entropy_threshold": -1.0}, "non-negative number of nats"),
+        ({"seed": -1}, "algorithm.tip.seed=-1: must be a non-negative integer"),
         ({"ratoi": 0.5}, "Unknown key(s) ['ratoi'] in algorithm.tip"),
     ],
 )

@@ -126,14 +126,17 @@ def test_example_composes_and_validates(script):
         assert config.actor_rollout_ref.actor.megatron.tensor_model_parallel_size == 2
 
 
-def test_selected_head_script_sets_everything_but_the_patch():
-    from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
+def test_selected_head_script_sets_everything_but_the_patch(monkeypatch):
+    from tip_verl.verl_ext import selected_lm_head
     from tip_verl.verl_ext.trainer import updates_selected_only
 
     config = compose_verl(script_arguments(REPO / "examples" / "run_qwen3_8b_to_1p7b_opd_selected_head.sh"))
     assert updates_selected_only(config)
-    advice = selected_lm_head_advice(config)  # the installed verl is unpatched: only the patch is missing
+    monkeypatch.setattr(selected_lm_head, "verl_is_patched", lambda: False)
+    advice = selected_lm_head.selected_lm_head_advice(config)  # only the patch is missing
     assert "patches/verl-0.9.1-tip-selected-logprobs.patch" in advice and "actor_rollout_ref" not in advice
+    monkeypatch.setattr(selected_lm_head, "verl_is_patched", lambda: True)
+    assert selected_lm_head.selected_lm_head_advice(config) is None
 
 
 BROKEN = [

@@ -159,16 +159,20 @@ class RecordingActor:
     """Stands in for verl's actor worker group: reads the fields the batch's metadata names from TransferQueue,
     as verl's worker does."""
 
-    def __init__(self, tq):
-        self.tq, self.seen = tq, None
+    def __init__(self, tq, fail=False):
+        self.tq, self.fail, self.seen, self.extra_info = tq, fail, None, None
 
     def update_actor(self, batch):
         self.seen = self.tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=batch.fields)
+        self.extra_info = dict(batch.extra_info)
+        if self.fail:
+            raise RuntimeError("out of memory")
         return {"metrics": {"mfu": [0.0], "pg_loss": [0.0]}}
 
 
 @pytest.mark.parametrize("mix", ["teacher_only", "replace"])
-def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_queue, mix, monkeypatch):
+@pytest.mark.parametrize("update_fails", [False, True])
+def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_queue, mix, update_fails, monkeypatch):
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     tq = transfer_queue
@@ -176,13 +180,19 @@ def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_que
     samples, _ = make_samples(torch.Generator().manual_seed(1))
     for sample in samples:
         sample["loss_mask"] = sample["response_mask"].clone()
-    keys = [f"{mix}_prompt{i // 2}_{i}_0" for i in range(len(samples))]
+    keys = [f"{mix}_{update_fails}_prompt{i // 2}_{i}_0" for i in range(len(samples))]
     batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
 
     trainer = TipSyncTrainer(verl_config())
-    trainer.actor_rollout_wg, trainer.global_steps = RecordingActor(tq), 1
+    trainer.actor_rollout_wg, trainer.global_steps = RecordingActor(tq, fail=update_fails), 1
     batch = trainer._compute_advantage(batch, {})
-    trainer._update_actor(batch, {})
+    batch.extra_info["set_before_the_update"] = 1
+    if update_fails:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            trainer._update_actor(batch, {})
+    else:
+        assert "tip_selected" not in trainer._update_actor(batch, {}).fields  # later stages never see it
+    assert {"set_before_the_update", "tip_loss_route", "temperature"} <= set(trainer.actor_rollout_wg.extra_info)
 
     seen = trainer.actor_rollout_wg.seen
     full = pad([s["response_mask"] for s in samples], 4)

@@ -175,6 +175,7 @@ FUSED_REMOVE_PADDING = (
     "actor_rollout_ref.model.fused_kernel_options.impl_backend=torch",
 )
 HEAD_PROBE = "TIP_TEST_LM_HEAD_TOKENS"
+UPDATE_EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,8 @@ def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], s
     verl_copy = apply_to_copy_of_installed_verl(SELECTED_PATCH, None, tmp_path_factory.mktemp("patched_verl"))
     forward = verl_copy / "verl" / "models" / "transformers" / "dense_common.py"
     anchor = "        selected = tip_selected.to(device=hidden_states.device, dtype=torch.bool)\n"
-    probe = f'        print("{HEAD_PROBE}", int(selected.sum()), selected.numel(), torch.is_grad_enabled(), flush=True)\n'
+    counts = "int(selected.sum()), selected.numel(), torch.is_grad_enabled()"
+    probe = f'        print("{HEAD_PROBE}", {counts}, flush=True)\n'
     assert forward.read_text().count(anchor) == 1
     forward.write_text(forward.read_text().replace(anchor, anchor + probe))
 
@@ -201,6 +203,7 @@ def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], s
         "trainer.test_freq=-1",
         "trainer.resume_mode=disable",
         "+algorithm.tip.mix=teacher_only",
+        f"actor_rollout_ref.actor.ppo_epochs={UPDATE_EPOCHS}",
         *FUSED_REMOVE_PADDING,
         script_env={"PYTHONPATH": str(verl_copy)},
     )
@@ -215,9 +218,11 @@ def test_patched_actor_computes_logits_only_at_the_selected_tokens(selected_lm_h
     assert all(grad == "True" for _, _, grad in probes), "only the update (with grad) carries tip_selected"
     head_tokens = sum(int(selected) for selected, _, _ in probes)
     assert all(int(selected) < int(packed) for selected, packed, _ in probes)
-    # The LM head ran on exactly the tokens TIP selected: the selected fraction of all response tokens.
+    # The LM head ran on exactly the tokens TIP selected (the selected fraction of all response tokens), once
+    # per update epoch.
     rollouts = 4 * 4  # data.train_batch_size x rollout.n of run_tiny_cpu.sh
-    expected = sum(m["tip/selected_fraction"] * m["response_length/mean"] * rollouts for m in steps.values())
+    selected = sum(m["tip/selected_fraction"] * m["response_length/mean"] * rollouts for m in steps.values())
+    expected = UPDATE_EPOCHS * selected
     assert head_tokens == pytest.approx(expected, abs=1e-3)
     assert "no memory saved" not in log, "patched and configured: the trainer must not advise anything"
     for metrics in steps.values():

@@ -59,8 +59,8 @@ class TipConfig:
                 )
         if not isinstance(self.coef, (int, float)) or not math.isfinite(self.coef):
             raise ValueError(f"algorithm.tip.coef={self.coef!r}: must be a finite number, e.g. 1.0.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"algorithm.tip.seed={self.seed!r}: must be an integer.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"algorithm.tip.seed={self.seed!r}: must be a non-negative integer.")
 
     @classmethod
     def from_any(cls, config: Any) -> "TipConfig":

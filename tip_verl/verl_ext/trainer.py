@@ -7,10 +7,10 @@ reads `entropy` and `old_log_probs` (written by the old-log-prob step) and the r
 
 With `algorithm.tip.mix=teacher_only` the unselected tokens carry no signal, so the actor update reads only
 the selected ones: for the update alone, `response_mask` and `loss_mask` are ANDed with the selection (the
-policy loss, its token-mean, the entropy bonus and the KL loss then average over the selected tokens, the
-paper's 1/|T|), and the selection is sent as the `tip_selected` field, which the pinned
-`patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other tokens. The full masks
-are put back after the update, for verl's metrics and the next stages.
+policy loss, the entropy bonus and the KL loss then aggregate over the selected tokens; with
+loss_agg_mode=token-mean that is the paper's 1/|T|), and the selection is sent as the `tip_selected` field,
+which the pinned `patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other
+tokens. The full masks are put back after the update, for verl's metrics and the next stages.
 
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
@@ -21,6 +21,7 @@ under `trainer.v1.sync` apply as for the stock sync trainer.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import transfer_queue as tq
@@ -79,11 +80,11 @@ def updates_selected_only(config) -> bool:
 
 def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
     """Each nested (bs, response_len) mask in `masks` ANDed with the nested bool `selected` (same layout)."""
-    keep = selected.values().bool()
-    restricted = {
-        name: torch.nested.nested_tensor_from_jagged(mask.values() * keep, offsets=mask.offsets())
-        for name, mask in masks.items()
-    }
+    restricted = {}
+    for name, mask in masks.items():
+        if not torch.equal(mask.offsets(), selected.offsets()):
+            raise ValueError(f"{name} is not aligned to the response tokens like response_mask; cannot restrict it.")
+        restricted[name] = torch.nested.nested_tensor_from_jagged(mask.values() * selected.values(), mask.offsets())
     return TensorDict(restricted, batch_size=masks.batch_size)
 
 
@@ -94,7 +95,9 @@ class TipSyncTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
-        advice = selected_lm_head_advice(config) if updates_selected_only(config) else None
+        self.updates_selected_only = updates_selected_only(config)
+        self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
+        advice = selected_lm_head_advice(config) if self.updates_selected_only else None
         if advice:
             logger.warning(advice)
         super().__init__(config)
@@ -128,25 +131,22 @@ class TipSyncTrainer(PPOTrainerSync):
             batch = super()._compute_advantage(batch, metrics)
         response_mask = data["response_mask"]
         metrics.update(tip_metrics(step.tokens, response_mask.to_padded_tensor(0)))
-        if self._updates_selected_only():
-            selected = TensorDict({TIP_SELECTED: response_to_nested(step.tokens.selected, response_mask)}, len(batch))
-            batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=selected)
+        self._selected = response_to_nested(step.tokens.selected, response_mask)
         return batch
 
     def _update_actor(self, batch, metrics: dict):
         # verl's actor worker never sees `algorithm`; extra_info reaches every micro-batch of the update.
         batch.extra_info.update(loss_route_settings(self.config, self.global_steps))
-        if not self._updates_selected_only():
+        if not self.updates_selected_only:
             return super()._update_actor(batch, metrics)
-        full_masks = tq.kv_batch_get(
-            keys=batch.keys, partition_id=batch.partition_id, select_fields=[*LOSS_MASKS, TIP_SELECTED]
-        )
-        restricted = masks_on_selected(full_masks, full_masks.pop(TIP_SELECTED))
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=restricted)
+        selected, self._selected = self._selected, None
+        full_masks = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(LOSS_MASKS))
+        update_fields = masks_on_selected(full_masks, selected)
+        update_fields[TIP_SELECTED] = selected
+        update_batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=update_fields)
+        update_batch.extra_info.update(batch.extra_info)
         try:
-            return super()._update_actor(batch, metrics)
+            super()._update_actor(update_batch, metrics)
         finally:
             tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=full_masks)
-
-    def _updates_selected_only(self) -> bool:
-        return updates_selected_only(self.config)
+        return batch  # later stages get the metadata without tip_selected
