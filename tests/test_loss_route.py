@@ -321,3 +321,29 @@ def test_weights_and_config_checks():
     settings = loss_route_settings(config, global_steps=3)[SETTINGS_KEY]
     assert settings["step"] == 2 and settings["tip"]["rule"] == "q3"
     assert TipLossConfig.from_any(settings["tip_loss"]).routes_by_outcome
+
+
+def preselect_config(adv_estimator="grpo", enabled=True, loss_mode="k3", use_task_rewards=False):
+    return {
+        "algorithm": {"adv_estimator": adv_estimator, "tip": {"preselect": True}},
+        "distillation": {
+            "enabled": enabled,
+            "distillation_loss": {"loss_mode": loss_mode, "use_task_rewards": use_task_rewards, "loss_max_clamp": None},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"adv_estimator": "tip_opd"}, "set algorithm.tip.mix=teacher_only instead"),
+        ({"enabled": False}, "set distillation.enabled=true"),
+        ({"loss_mode": "tip_k3"}, "would select twice.*use verl's own loss_mode=k3"),
+        ({"use_task_rewards": True}, "set distillation.distillation_loss.use_task_rewards=false"),
+    ],
+)
+def test_preselect_needs_verl_own_distillation_loss_without_task_reward(changes, message):
+    tip, _ = check_loss_route(preselect_config())
+    assert tip.preselect
+    with pytest.raises(ValueError, match=message):
+        check_loss_route(preselect_config(**changes))

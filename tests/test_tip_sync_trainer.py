@@ -17,7 +17,17 @@ from tip_verl.verl_ext.trainer import TipSyncTrainer
 TIP = {"rule": "divergence", "ratio": 0.5, "divergence": "abs_k1", "mix": "replace", "coef": 1.0}
 
 
-def verl_config(trainer_mode="tip_sync"):
+PRESELECT = [  # verl's own k3 distillation loss, no task reward, TIP choosing the tokens in the trainer
+    "algorithm.adv_estimator=grpo",
+    "distillation.enabled=true",
+    "distillation.distillation_loss.loss_mode=k3",
+    "distillation.distillation_loss.use_task_rewards=false",
+    "+algorithm.tip.preselect=true",
+    "distillation.teacher_models.teacher_model.model_path=unused-teacher",
+]
+
+
+def verl_config(trainer_mode="tip_sync", extra=()):
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     overrides = [
         "trainer.use_v1=true",
@@ -25,6 +35,7 @@ def verl_config(trainer_mode="tip_sync"):
         "algorithm.adv_estimator=tip_opd",
         "actor_rollout_ref.rollout.n=2",
         *[f"+algorithm.tip.{key}={value}" for key, value in TIP.items()],
+        *extra,
     ]
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
@@ -170,22 +181,46 @@ class RecordingActor:
         return {"metrics": {"mfu": [0.0], "pg_loss": [0.0]}}
 
 
-@pytest.mark.parametrize("mix", ["teacher_only", "replace"])
+def selected_by_the_estimator(samples) -> torch.Tensor:
+    """An independent route to TIP's selection: tip_opd with mix=teacher_only, non-zero where selected."""
+    width = max(r for _, r, _ in ROLLOUTS)
+    response_teacher = [
+        s["teacher_logprobs"][len(s["prompts"]) - 1 : len(s["prompts"]) - 1 + len(s["responses"]), 0] for s in samples
+    ]
+    advantages, _ = get_adv_estimator_fn("tip_opd")(
+        token_level_rewards=pad([s["rm_scores"] for s in samples], width),
+        response_mask=pad([s["response_mask"] for s in samples], width),
+        index=np.array([s["uid"] for s in samples], dtype=object),
+        config={"tip": {**TIP, "mix": "teacher_only"}},
+        old_log_probs=pad([s["old_log_probs"] for s in samples], width),
+        teacher_logprobs=pad(response_teacher, width),
+        entropy=pad([s["entropy"] for s in samples], width),
+    )
+    return (advantages != 0).long()
+
+
+@pytest.mark.parametrize("mode", ["teacher_only", "replace", "preselect"])
 @pytest.mark.parametrize("update_fails", [False, True])
-def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_queue, mix, update_fails, monkeypatch):
+def test_actor_update_reads_only_selected_tokens(transfer_queue, mode, update_fails, monkeypatch):
+    """teacher_only (tip_opd) and preselect (verl's grpo + k3 loss) train only the selected tokens; replace all."""
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     tq = transfer_queue
-    monkeypatch.setitem(TIP, "mix", mix)
+    monkeypatch.setitem(TIP, "mix", "teacher_only" if mode == "teacher_only" else "replace")
     samples, _ = make_samples(torch.Generator().manual_seed(1))
     for sample in samples:
         sample["loss_mask"] = sample["response_mask"].clone()
-    keys = [f"{mix}_{update_fails}_prompt{i // 2}_{i}_0" for i in range(len(samples))]
+    keys = [f"{mode}_{update_fails}_prompt{i // 2}_{i}_0" for i in range(len(samples))]
     batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
 
-    trainer = TipSyncTrainer(verl_config())
+    metrics = {}
+    trainer = TipSyncTrainer(verl_config(extra=PRESELECT if mode == "preselect" else ()))
+    if mode == "preselect":  # set by verl's worker setup, which this test does not run
+        from verl.utils.config import omega_conf_to_dataclass
+
+        trainer.distillation_config = omega_conf_to_dataclass(trainer.config.distillation)
     trainer.actor_rollout_wg, trainer.global_steps = RecordingActor(tq, fail=update_fails), 1
-    batch = trainer._compute_advantage(batch, {})
+    batch = trainer._compute_advantage(batch, metrics)
     batch.extra_info["set_before_the_update"] = 1
     if update_fails:
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -201,12 +236,12 @@ def test_actor_update_reads_only_selected_tokens_under_teacher_only(transfer_que
         torch.testing.assert_close(after[name].to_padded_tensor(0), full)  # put back after the update
     seen_mask = seen["response_mask"].to_padded_tensor(0)
     torch.testing.assert_close(seen["loss_mask"].to_padded_tensor(0), seen_mask)
-    if mix == "teacher_only":
-        # teacher_only: the teacher reward (never exactly 0 here) on selected tokens, 0 elsewhere
-        expected = full * (seen["advantages"].to_padded_tensor(0.0) != 0)
+    if mode in ("teacher_only", "preselect"):
+        expected = selected_by_the_estimator(samples)
         assert expected.sum() == 5  # budgets 2, 1, 1, 1
         torch.testing.assert_close(seen_mask, expected)
         torch.testing.assert_close(seen["tip_selected"].to_padded_tensor(0).long(), expected)
+        assert metrics["tip/selected_fraction"] == pytest.approx(5 / 10)
     else:
         torch.testing.assert_close(seen_mask, full)
         assert "tip_selected" not in seen.keys()  # the patched engine would require response_mask within it

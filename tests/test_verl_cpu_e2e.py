@@ -176,11 +176,23 @@ FUSED_REMOVE_PADDING = (
 )
 HEAD_PROBE = "TIP_TEST_LM_HEAD_TOKENS"
 UPDATE_EPOCHS = 2
+SELECTED_ONLY_RUNS = {  # the two ways the actor update reads only the selected tokens: (overrides, script_env)
+    "teacher_only": (["+algorithm.tip.mix=teacher_only"], {}),
+    "preselect": (
+        [
+            "trainer.v1.trainer_mode=tip_sync",
+            "distillation.distillation_loss.use_task_rewards=false",
+            "+algorithm.tip.preselect=true",
+        ],
+        {"ALGO": "grpo"},
+    ),
+}
 
 
-@pytest.fixture(scope="module")
-def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], str]:
-    """Pure OPD on the selected tokens (mix=teacher_only) with verl patched by the selected-logprobs patch.
+@pytest.fixture(scope="module", params=sorted(SELECTED_ONLY_RUNS))
+def selected_lm_head_run(request, tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], str]:
+    """Pure OPD on the selected tokens with verl patched by the selected-logprobs patch: tip_opd with
+    mix=teacher_only, or verl's grpo with its own k3 distillation loss and no task reward under preselect.
 
     verl is a patched copy of the installed package, first on PYTHONPATH for every process of the run. The test
     adds one print to its copy, in the patched forward: how many tokens the LM head ran on, of how many packed.
@@ -193,7 +205,8 @@ def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], s
     assert forward.read_text().count(anchor) == 1
     forward.write_text(forward.read_text().replace(anchor, anchor + probe))
 
-    out_dir = tmp_path_factory.mktemp("selected_lm_head")
+    overrides, script_env = SELECTED_ONLY_RUNS[request.param]
+    out_dir = tmp_path_factory.mktemp(f"selected_lm_head_{request.param}")
     records = run_tiny(
         tiny_dir,
         out_dir,
@@ -202,10 +215,10 @@ def selected_lm_head_run(tiny_dir, tmp_path_factory) -> tuple[dict[int, dict], s
         "trainer.save_freq=-1",
         "trainer.test_freq=-1",
         "trainer.resume_mode=disable",
-        "+algorithm.tip.mix=teacher_only",
         f"actor_rollout_ref.actor.ppo_epochs={UPDATE_EPOCHS}",
         *FUSED_REMOVE_PADDING,
-        script_env={"PYTHONPATH": str(verl_copy)},
+        *overrides,
+        script_env={"PYTHONPATH": str(verl_copy), **script_env},
     )
     return by_step(records), (out_dir / "selected.log").read_text()
 
@@ -226,7 +239,7 @@ def test_patched_actor_computes_logits_only_at_the_selected_tokens(selected_lm_h
     assert head_tokens == pytest.approx(expected, abs=1e-3)
     assert "no memory saved" not in log, "patched and configured: the trainer must not advise anything"
     for metrics in steps.values():
-        assert metrics["actor/grad_norm"] > 0.0 and math.isfinite(metrics["actor/pg_loss"])
+        assert metrics["actor/grad_norm"] > 0.0 and math.isfinite(metrics["actor/distillation/loss"])
         assert metrics["training/rollout_probs_diff_max"] < SYNCED_MAX_DIFF, "remove-padding forward on CPU is exact"
 
 

@@ -30,6 +30,9 @@ class TipConfig:
         divergence are positively correlated, whatever the vocabulary size or model scale.
     entropy_threshold / divergence_threshold: absolute thresholds in nats (entropy as verl reports it,
         divergence as the chosen estimate); null means "use quadrant_quantile".
+    preselect: with verl's own sampled-token distillation loss (loss_mode=k3, ...; no task reward), choose the
+        tokens in the trainer before the update, from the rollout-time scores as on the advantage route, and
+        train the loss on those tokens only (as mix=teacher_only does for tip_opd).
     """
 
     rule: str = "soft_or"
@@ -42,6 +45,7 @@ class TipConfig:
     quadrant_quantile: float = 0.5
     entropy_threshold: Optional[float] = None
     divergence_threshold: Optional[float] = None
+    preselect: bool = False
 
     def __post_init__(self):
         _check_choice("rule", self.rule, SELECTION_RULE_NAMES)
@@ -59,6 +63,8 @@ class TipConfig:
                 )
         if not isinstance(self.coef, (int, float)) or not math.isfinite(self.coef):
             raise ValueError(f"algorithm.tip.coef={self.coef!r}: must be a finite number, e.g. 1.0.")
+        if not isinstance(self.preselect, bool):
+            raise ValueError(f"algorithm.tip.preselect={self.preselect!r}: must be true or false.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"algorithm.tip.seed={self.seed!r}: must be a non-negative integer.")
 

@@ -66,6 +66,8 @@ def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
     distillation = config.get("distillation") or {}
     loss_config = distillation.get("distillation_loss") or {}
     loss_mode = loss_config.get("loss_mode", "")
+    if tip.preselect:
+        _check_preselect(algorithm.get("adv_estimator"), distillation, loss_mode, loss_config)
     if distillation.get("enabled") and loss_mode.startswith(TIP_PREFIX):
         _check_loss_config(loss_mode, loss_config, tip_loss)
         actor = (config.get("actor_rollout_ref") or {}).get("actor") or {}
@@ -75,6 +77,26 @@ def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
                 "forward pass: set actor_rollout_ref.actor.calculate_entropy=true."
             )
     return tip, tip_loss
+
+
+def _check_preselect(adv_estimator: Optional[str], distillation: Any, loss_mode: str, loss_config: Any) -> None:
+    if adv_estimator == "tip_opd":
+        raise ValueError(
+            "algorithm.tip.preselect=true is for verl's own distillation loss; with the tip_opd estimator set "
+            "algorithm.tip.mix=teacher_only instead (it trains only the selected tokens too)."
+        )
+    if not distillation.get("enabled"):
+        raise ValueError("algorithm.tip.preselect=true scores tokens with the teacher: set distillation.enabled=true.")
+    if loss_mode.startswith(TIP_PREFIX):
+        raise ValueError(
+            f"algorithm.tip.preselect=true with loss_mode={loss_mode} would select twice (tip_* losses select inside "
+            f"the loss): use verl's own loss_mode={loss_mode[len(TIP_PREFIX):]}, or unset preselect."
+        )
+    if loss_config.get("use_task_rewards"):
+        raise ValueError(
+            "algorithm.tip.preselect=true trains only the selected tokens, which would cut the task-reward loss too: "
+            "set distillation.distillation_loss.use_task_rewards=false (pure on-policy distillation)."
+        )
 
 
 def _check_loss_config(loss_mode: str, loss_config: Any, tip_loss: TipLossConfig) -> None:

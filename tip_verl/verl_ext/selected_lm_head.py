@@ -1,9 +1,10 @@
 """Whether verl's actor will compute logits only at the TIP-selected tokens, and what to set if not.
 
-Under `algorithm.tip.mix=teacher_only` the `tip_sync` trainer restricts the actor update to the selected
-tokens and sends them as `tip_selected`. The FSDP engine then skips the LM head and log-softmax at the other
-tokens only with `patches/verl-0.9.1-tip-selected-logprobs.patch` applied and the fused-kernel forward on;
-otherwise it computes every token, which is correct but saves no memory. This says which of those is missing.
+Under `algorithm.tip.mix=teacher_only` (or `algorithm.tip.preselect=true`) the `tip_sync` trainer restricts
+the actor update to the selected tokens and sends them as `tip_selected`. The FSDP engine then skips the LM
+head and log-softmax at the other tokens only with `patches/verl-0.9.1-tip-selected-logprobs.patch` applied
+and the fused-kernel forward on; otherwise it computes every token, which is correct but saves no memory. This
+says which of those is missing.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def selected_lm_head_advice(config: Any) -> Optional[str]:
     if not missing:
         return None
     return (
-        "algorithm.tip.mix=teacher_only: the actor update reads only the TIP-selected tokens, but verl will still "
+        "The actor update reads only the TIP-selected tokens (algorithm.tip.mix=teacher_only or preselect=true), "
+        "but verl will still "
         "build full-vocabulary logits for every token (correct, no memory saved). To skip the others, set: "
         + "; ".join(missing)
         + ". (With fsdp2 the LM head must also be tied to the embeddings: verl 0.9.1 shards an untied head as "

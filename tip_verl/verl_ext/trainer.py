@@ -6,11 +6,13 @@ reads `entropy` and `old_log_probs` (written by the old-log-prob step) and the r
 `tip_opd`, runs verl's own advantage step unchanged, and adds `tip/` metrics.
 
 With `algorithm.tip.mix=teacher_only` the unselected tokens carry no signal, so the actor update reads only
-the selected ones: for the update alone, `response_mask` and `loss_mask` are ANDed with the selection (the
-policy loss, the entropy bonus and the KL loss then aggregate over the selected tokens; with
-loss_agg_mode=token-mean that is the paper's 1/|T|), and the selection is sent as the `tip_selected` field,
-which the pinned `patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other
-tokens. The full masks are put back after the update, for verl's metrics and the next stages.
+the selected ones; the same holds with `algorithm.tip.preselect=true`, where the trainer selects the tokens
+itself (from the same rollout-time scores) for verl's own estimator and distillation loss: for the update
+alone, `response_mask` and `loss_mask` are ANDed with the selection (the policy loss, the entropy bonus and
+the KL loss then aggregate over the selected tokens; with loss_agg_mode=token-mean that is the paper's 1/|T|),
+and the selection is sent as the `tip_selected` field, which the pinned
+`patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other tokens. The full masks
+are put back after the update, for verl's metrics and the next stages.
 
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
@@ -30,10 +32,12 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
+from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.verl_ext.estimator import TIP_OPD
 from tip_verl.verl_ext.losses import check_loss_route, loss_route_settings
+from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
@@ -67,15 +71,16 @@ def sampled_token_teacher_logprobs(
     if missing.any():
         raise ValueError(
             f"{int(missing.sum())} sampled response tokens are outside the teacher's top-{ids.shape[-1]}, so "
-            "their teacher log-prob is unknown. tip_opd's advantage route needs the sampled token's log-prob: "
-            "use an estimator distillation loss (distillation.distillation_loss.loss_mode=k3, use_topk=false)."
+            "their teacher log-prob is unknown. TIP's selection in the trainer (tip_opd, preselect) needs the sampled "
+            "token's log-prob: use an estimator distillation loss (distillation.distillation_loss.loss_mode=k3)."
         )
     return (response_part * found).sum(dim=-1)
 
 
 def updates_selected_only(config) -> bool:
-    """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only."""
-    return config.algorithm.adv_estimator == TIP_OPD and TipConfig.from_any(config.algorithm).mix == "teacher_only"
+    """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only, or preselect."""
+    tip = TipConfig.from_any(config.algorithm)
+    return tip.preselect or (config.algorithm.adv_estimator == TIP_OPD and tip.mix == "teacher_only")
 
 
 def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
@@ -90,8 +95,9 @@ def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
 
 @register_trainer(TIP_TRAINER_MODE)
 class TipSyncTrainer(PPOTrainerSync):
-    """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs, and the
-    TIP loss route (distillation loss_mode=tip_*) fed its settings with every actor update."""
+    """The sync V1 trainer, with `tip_opd` fed entropy, old log-probs and teacher log-probs, the TIP loss route
+    (distillation loss_mode=tip_*) fed its settings with every actor update, and the update restricted to the
+    selected tokens under mix=teacher_only or preselect."""
 
     def __init__(self, config):
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
@@ -112,7 +118,9 @@ class TipSyncTrainer(PPOTrainerSync):
             raise ValueError(f"{type(self).__name__} runs in sync mode only, got trainer_mode={value!r}.")
 
     def _compute_advantage(self, batch, metrics: dict):
-        if self.config.algorithm.adv_estimator != TIP_OPD:
+        tip = TipConfig.from_any(self.config.algorithm)
+        estimator_selects = self.config.algorithm.adv_estimator == TIP_OPD
+        if not (estimator_selects or tip.preselect):
             return super()._compute_advantage(batch, metrics)
         fields = ["response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
         use_topk = self.config.distillation.distillation_loss.get("loss_settings", {}).get("use_topk", False)
@@ -130,6 +138,15 @@ class TipSyncTrainer(PPOTrainerSync):
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
         response_mask = data["response_mask"]
+        if not estimator_selects:  # preselect: verl's own estimator and loss, TIP's choice of tokens
+            step.tokens = select_and_reward(
+                tip,
+                response_mask.to_padded_tensor(0),
+                old_log_probs=step.old_log_probs,
+                teacher_logprobs=step.teacher_logprobs,
+                entropy=step.entropy,
+                generator=selection_generator(tip.seed, step.step),
+            )
         metrics.update(tip_metrics(step.tokens, response_mask.to_padded_tensor(0)))
         self._selected = response_to_nested(step.tokens.selected, response_mask)
         return batch
