@@ -54,7 +54,10 @@ class HFServerAdapter(BaseRollout):
         **kwargs,
     ):
         if wire_format != "named_tensors":
-            raise NotImplementedError(f"hf rollout takes full named tensors, not {wire_format!r}")
+            raise NotImplementedError(
+                f"The hf rollout loads full named tensors, not {wire_format!r}: "
+                "set actor_rollout_ref.rollout.checkpoint_engine.backend=naive."
+            )
         named_tensors = {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights}
         if self.is_leader_rank:
             await self.server_handle.update_weights.remote(named_tensors, global_steps=global_steps)

@@ -83,7 +83,9 @@ class HFRolloutServer:
     ) -> TokenOutput:
         """Generate a response; with ``prompt_logprobs`` set, also score the prompt (teacher path)."""
         if image_data is not None or video_data is not None:
-            raise NotImplementedError("The hf rollout serves text-only models.")
+            raise NotImplementedError(
+                "The hf rollout serves text-only models: use a text dataset on CPU, or vllm/sglang on a GPU."
+            )
         prompt_ids = [int(token) for token in prompt_ids]
         top_k = sampling_params.get("top_k", -1)
         settings = SamplingSettings(
