@@ -97,9 +97,8 @@ def select_and_reward(
     response_mask, old_log_probs (student log pS_old(y_t)), teacher_logprobs (log pT(y_t)), entropy (nats):
     all (B, T). entropy may be None only for rules that do not read it (all, random, divergence).
     """
-    check_tip_inputs(response_mask, old_log_probs=old_log_probs, teacher_logprobs=teacher_logprobs)
-    if entropy is not None:
-        check_tip_inputs(response_mask, entropy=entropy)
+    optional = {"entropy": entropy} if entropy is not None else {}
+    check_tip_inputs(response_mask, old_log_probs=old_log_probs, teacher_logprobs=teacher_logprobs, **optional)
     divergence = divergence_estimate(teacher_logprobs, old_log_probs, response_mask, config.divergence)
     inputs = SelectionInputs(
         response_mask=response_mask,

@@ -58,7 +58,7 @@ def _chunk_logits(
         z = z + bias
     z = z.to(_compute_dtype(z.dtype))
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)  # z is this chunk's own buffer: no second C x V copy
     return z
 
 
@@ -245,11 +245,12 @@ def selected_token_logprobs(
     _validate(hidden, weight, bias, selected, targets, chunk_size, temperature)
     h_sel = hidden[selected]  # (N, H)
     t_sel = targets[selected].long()  # (N,)
-    if t_sel.numel() and (int(t_sel.min()) < 0 or int(t_sel.max()) >= weight.shape[0]):
-        raise ValueError(
-            f"targets at selected positions must lie in [0, V) with V = {weight.shape[0]}; "
-            f"got range [{int(t_sel.min())}, {int(t_sel.max())}]"
-        )
+    if t_sel.numel():
+        low, high = (int(bound) for bound in torch.aminmax(t_sel))
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(
+                f"targets at selected positions must lie in [0, V) with V = {weight.shape[0]}; got range [{low}, {high}]"
+            )
     logp, ent = SelectedTokenLogProbs.apply(
         h_sel, weight, bias, t_sel, chunk_size, float(temperature), bool(return_entropy)
     )
