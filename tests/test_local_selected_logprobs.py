@@ -4,6 +4,7 @@ import torch
 
 from tip_verl.local.assets import load_role
 from tip_verl.local.rollout import (
+    response_hidden,
     response_logits,
     sample,
     selected_logprobs,
@@ -27,7 +28,7 @@ def test_selected_logprobs_match_full_logits_values_and_gradients():
     full_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
 
-    partial = selected_logprobs(student, rollout, selected, chunk_size=3)
+    partial = selected_logprobs(student, response_hidden(student, rollout), rollout, selected, chunk_size=3)
     (partial * weights).sum().backward()
     torch.testing.assert_close(partial, full, atol=1e-5, rtol=1e-5)
     assert (partial[~selected] == 0).all()

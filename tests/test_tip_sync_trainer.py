@@ -12,7 +12,7 @@ from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, get_trainer_cls
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from tip_verl.verl_ext.trainer import TipSyncTrainer
+from tip_verl.verl_ext.trainer import TipSyncTrainer, tip_input_fields
 
 TIP = {"rule": "divergence", "ratio": 0.5, "divergence": "abs_k1", "mix": "replace", "coef": 1.0}
 
@@ -39,6 +39,12 @@ def verl_config(trainer_mode="tip_sync", extra=()):
     ]
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+@pytest.mark.parametrize("loss_mode, topk", [("k3", False), ("forward_kl_topk", True), ("tip_entropy_aware_topk", True)])
+def test_top_k_teacher_brings_the_ids_that_find_the_sampled_token(loss_mode, topk):
+    config = verl_config(extra=["distillation.enabled=true", f"distillation.distillation_loss.loss_mode={loss_mode}"])
+    assert ({"teacher_ids", "responses"} <= set(tip_input_fields(config))) == topk
 
 
 def test_registered_name_resolves_to_our_class():

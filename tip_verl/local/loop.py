@@ -42,7 +42,8 @@ from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations
 from tip_verl.local.rollout import (
     Rollout,
-    logprobs_and_entropy,
+    head_logprobs_and_entropy,
+    response_hidden,
     response_logits,
     sample,
     selected_logprobs,
@@ -197,22 +198,27 @@ def train_step(
     with timer("teacher"):
         teacher_logp = teacher_token_logprobs(teacher, rollout)
 
-    with timer("student_forward"), torch.no_grad():
-        old_log_prob, entropy = logprobs_and_entropy(student, rollout)
-    with timer("advantage"):
-        advantages, tokens = compute_advantages(config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step)
-    trained = loss_mask(config, mask, tokens)
-    with saved_activations(student) as memory, timer("loss"):
-        # the graph holds full-vocabulary buffers only for the trained tokens (all of them but with teacher_only)
-        log_prob = selected_logprobs(student, rollout, trained, config.logits_chunk_size)
-        pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
-            old_log_prob=old_log_prob,
-            log_prob=log_prob,
-            advantages=advantages,
-            response_mask=trained,
-            loss_agg_mode=config.loss_agg_mode,
-            config=actor,
-        )
+    with saved_activations(student) as memory:
+        with timer("student_forward"):
+            # one forward serves both: one update per batch, so the old policy is the current one
+            hidden = response_hidden(student, rollout)
+            old_log_prob, entropy = head_logprobs_and_entropy(student, hidden.detach(), rollout)
+        with timer("advantage"):
+            advantages, tokens = compute_advantages(
+                config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step
+            )
+        trained = loss_mask(config, mask, tokens)
+        with timer("loss"):
+            # the graph holds full-vocabulary buffers only for the trained tokens (all of them but with teacher_only)
+            log_prob = selected_logprobs(student, hidden, rollout, trained, config.logits_chunk_size)
+            pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
+                old_log_prob=old_log_prob,
+                log_prob=log_prob,
+                advantages=advantages,
+                response_mask=trained,
+                loss_agg_mode=config.loss_agg_mode,
+                config=actor,
+            )
 
     with timer("update"):
         optimizer.zero_grad(set_to_none=True)

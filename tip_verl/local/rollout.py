@@ -94,16 +94,17 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return model.lm_head(response_hidden(model, rollout)).float()
 
 
-def selected_logprobs(model: torch.nn.Module, rollout: Rollout, selected: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def selected_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, rollout: Rollout, selected: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
     """Log-probs (N, T) of the sampled tokens at `selected` (N, T) positions, with grad; 0 elsewhere.
 
-    The LM head and log-softmax run only at the selected positions, `chunk_size` tokens at a time, so no
-    full-vocabulary buffer (nor its backward) is built for the tokens TIP drops.
+    hidden: (N, T, H) from `response_hidden`. The LM head and log-softmax run only at the selected positions,
+    `chunk_size` tokens at a time, so no full-vocabulary buffer (nor its backward) is built for the tokens TIP
+    drops.
     """
     selected = selected.bool()
-    logp, _ = selected_token_logprobs(
-        response_hidden(model, rollout), model.lm_head.weight, selected, rollout.responses, chunk_size=chunk_size
-    )
+    logp, _ = selected_token_logprobs(hidden, model.lm_head.weight, selected, rollout.responses, chunk_size=chunk_size)
     return scatter_selected(logp, selected)
 
 
@@ -115,7 +116,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the sampled response tokens (N, T), with grad if enabled, and entropy in nats (N, T),
     detached; both 0 at padding."""
-    logits = response_logits(model, rollout)
+    return _logprobs_and_entropy(response_logits(model, rollout), rollout)
+
+
+@torch.no_grad()
+def head_logprobs_and_entropy(
+    model: torch.nn.Module, hidden: torch.Tensor, rollout: Rollout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `logprobs_and_entropy`, without grad, from response hidden states (N, T, H) already computed."""
+    return _logprobs_and_entropy(model.lm_head(hidden).float(), rollout)
+
+
+def _logprobs_and_entropy(logits: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     mask = rollout.response_mask.bool()
     logp = token_logprobs(logits, rollout.responses).masked_fill(~mask, 0.0)
     entropy = token_entropy(logits.detach()).masked_fill(~mask, 0.0)

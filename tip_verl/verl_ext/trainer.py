@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import transfer_queue as tq
 from tensordict import TensorDict
+from verl.trainer.distillation.losses import get_distillation_loss_settings
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
@@ -77,6 +78,15 @@ def sampled_token_teacher_logprobs(
     return (response_part * found).sum(dim=-1)
 
 
+def tip_input_fields(config) -> list[str]:
+    """The TransferQueue fields TIP's selection reads; with a top-k teacher, also what finds the sampled token."""
+    fields = ["response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
+    loss_mode = config.distillation.distillation_loss.loss_mode
+    if config.distillation.enabled and get_distillation_loss_settings(loss_mode).use_topk:
+        fields += ["teacher_ids", "responses"]
+    return fields
+
+
 def updates_selected_only(config) -> bool:
     """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only, or preselect."""
     tip = TipConfig.from_any(config.algorithm)
@@ -122,10 +132,7 @@ class TipSyncTrainer(PPOTrainerSync):
         estimator_selects = self.config.algorithm.adv_estimator == TIP_OPD
         if not (estimator_selects or tip.preselect):
             return super()._compute_advantage(batch, metrics)
-        fields = ["response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
-        use_topk = self.config.distillation.distillation_loss.get("loss_settings", {}).get("use_topk", False)
-        if use_topk:
-            fields += ["teacher_ids", "responses"]
+        fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         step = TipStep(
             step=self.global_steps - 1,
