@@ -251,3 +251,19 @@ def test_actor_update_reads_only_selected_tokens(transfer_queue, mode, update_fa
     else:
         torch.testing.assert_close(seen_mask, full)
         assert "tip_selected" not in seen.keys()  # the patched engine would require response_mask within it
+
+
+def test_sampled_token_teacher_logprob_is_looked_up_in_the_top_k():
+    from tip_verl.verl_ext.trainer import sampled_token_teacher_logprobs
+
+    def nested(rows):
+        return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+    # one rollout, prompt of 2 tokens, response [5, 7]; position j holds the teacher's top-2 for token j + 1
+    ids = torch.tensor([[0, 0], [5, 3], [2, 7], [0, 0]])
+    logprobs = torch.tensor([[-9.0, -9.0], [-0.1, -2.5], [-0.4, -1.2], [-9.0, -9.0]])
+    responses, mask = nested([torch.tensor([5, 7])]), nested([torch.ones(2, dtype=torch.long)])
+    got = sampled_token_teacher_logprobs(nested([logprobs]), mask, nested([ids]), responses)
+    torch.testing.assert_close(got, torch.tensor([[-0.1, -1.2]]))
+    with pytest.raises(ValueError, match="outside the teacher's top-2"):
+        sampled_token_teacher_logprobs(nested([logprobs]), mask, nested([ids]), nested([torch.tensor([5, 4])]))
