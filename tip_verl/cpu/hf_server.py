@@ -13,7 +13,6 @@ import logging
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, GenerationConfig
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
@@ -30,12 +29,6 @@ logger = logging.getLogger(__name__)
 # Test-only switch (``actor_rollout_ref.rollout.custom.ignore_weight_updates=true``):
 # the server drops weight updates, so the rollout keeps the initial policy.
 IGNORE_WEIGHT_UPDATES_KEY = "ignore_weight_updates"
-
-
-def _as_model_config(model_config) -> HFModelConfig:
-    if isinstance(model_config, (DictConfig, dict)):
-        return omega_conf_to_dataclass(model_config)
-    return model_config
 
 
 def _eos_token_ids(model_path: str, model_config: HFModelConfig) -> set[int]:
@@ -56,7 +49,7 @@ class HFRolloutServer:
 
     def __init__(self, config: RolloutConfig, model_config, replica_rank: int):
         self.config: RolloutConfig = omega_conf_to_dataclass(config)
-        self.model_config = _as_model_config(model_config)
+        self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config)  # objects pass through
         self.replica_rank = replica_rank
         model_path = self.model_config.local_path
         dtype = getattr(torch, self.config.dtype) if isinstance(self.config.dtype, str) else self.config.dtype
