@@ -23,7 +23,10 @@ from tip_verl.core.scores import (
 
 @dataclass
 class SelectionInputs:
-    """What a rule may read. All (B, T); entropy in nats, divergence a per-token KL estimate."""
+    """What a rule may read. All (B, T); entropy in nats, divergence a per-token KL estimate.
+
+    generator: draws of the random rules, made on its own device (see `uniform_like`).
+    """
 
     response_mask: torch.Tensor
     entropy: Optional[torch.Tensor] = None
@@ -101,11 +104,20 @@ def normalized_entropy_for_ranking(inputs: SelectionInputs, rule: str) -> torch.
     return minmax_normalize(entropy, inputs.response_mask, "student entropy", upper=upper)
 
 
+def uniform_like(reference: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """U[0, 1) noise of `reference`'s shape (B, T), on its device, drawn on the generator's device.
+
+    torch refuses a generator of another device (a CPU generator for CUDA tensors): drawing where the
+    generator lives and moving the draw gives the same numbers for a seed whatever the tensors' device.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(reference.shape, generator=generator, device=device).to(reference.device)
+
+
 @register_selection_rule("random")
 def random_keys(inputs: SelectionInputs) -> torch.Tensor:
     """Uniform random keys: a uniform subset of k_i tokens (the control)."""
-    mask = inputs.response_mask
-    return torch.rand(mask.shape, generator=inputs.generator, device=mask.device)
+    return uniform_like(inputs.response_mask, inputs.generator)
 
 
 @register_selection_rule("entropy")
@@ -122,7 +134,7 @@ def entropy_sample_keys(inputs: SelectionInputs) -> torch.Tensor:
     Zero-entropy tokens get a key below every positive one and fill the budget only when needed.
     """
     entropy = _require(inputs, "entropy", "entropy_sample").float()
-    uniform = torch.rand(entropy.shape, generator=inputs.generator, device=entropy.device)
+    uniform = uniform_like(entropy, inputs.generator)
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
     log_weight = torch.log(entropy.clamp_min(0.0)).clamp_min(-1e4)
     return log_weight + gumbel

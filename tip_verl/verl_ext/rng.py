@@ -14,7 +14,8 @@ def selection_generator(seed: int, step: Optional[int] = None) -> torch.Generato
     With a step, the stream starts from (seed, step, rank) the first time the step asks for it and continues
     through the step's later calls (micro-batches, epochs), so the draws depend only on the seed, the step and
     the order of calls within it: a run resumed from a checkpoint draws what the uninterrupted run drew.
-    Without a step, one stream per seed for the whole process.
+    Without a step, one stream per seed for the whole process. The generator is a CPU one on every device:
+    the rules draw on it and move the draw to the tensors' device, so a seed draws the same on CPU and GPU.
     """
     cached_step, generator = _generators.get(seed, (None, None))
     if generator is None or cached_step != step:
