@@ -13,8 +13,8 @@ setup(
     include_package_data=True,
     package_data={"tip_verl": ["assets/*", "assets/**/*", "config/*.yaml"]},
     install_requires=[
-        # CPU build on machines without CUDA; on a GPU cluster install the CUDA build of the same version first.
-        "torch==2.13.0",
+        # No exact pin: next to verl's GPU extras (torch==2.11.0 under vLLM / SGLang / Megatron) we keep their torch.
+        "torch>=2.6",
         "verl[verl-core]==0.9.1",
         "transformers>=4.56,<5.11",
         "ray>=2.47",
@@ -24,7 +24,16 @@ setup(
         "pandas>=2",
         "pyarrow>=15",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # The CPU build that `tip-verl demo` and the tests were measured with (see README.md for its index).
+        "cpu": ["torch==2.13.0"],
+        # GPU clusters: verl's own extras, which pin torch, transformers and the inference engine together.
+        "vllm": ["verl[vllm]==0.9.1"],
+        "sglang": ["verl[sglang]==0.9.1"],
+        "fsdp": ["verl[fsdp]==0.9.1"],
+        "megatron": ["verl[megatron]==0.9.1"],
+        "test": ["pytest>=8"],
+    },
     entry_points={
         # verl imports every `verl.plugins` entry point in every process that imports verl (Ray workers too).
         "verl.plugins": ["tip_verl = tip_verl.verl_ext.plugin"],
