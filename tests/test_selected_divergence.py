@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tip_verl.core.selected_divergence import (
     DIVERGENCE_LOSS_NAMES,
@@ -27,7 +28,11 @@ def _inputs(dtype=torch.float64, seed=0, ratio=0.6, bias=True):
         "weight": randn(V, H, scale=H**-0.5 * 2).requires_grad_(),
         "bias": randn(V, scale=0.3).requires_grad_() if bias else None,
     }
-    teacher = {"hidden": randn(B, T, HT), "weight": randn(V, HT, scale=HT**-0.5 * 2), "bias": randn(V) if bias else None}
+    teacher = {
+        "hidden": randn(B, T, HT),
+        "weight": randn(V, HT, scale=HT**-0.5 * 2),
+        "bias": randn(V) if bias else None,
+    }
     selected = torch.rand(B, T, generator=g) < ratio
     upstream = torch.rand(int(selected.sum()), generator=g, dtype=torch.float64).to(dtype)  # per-token loss weights
     return student, teacher, selected, upstream
@@ -123,7 +128,8 @@ def test_hand_computed_three_token_vocabulary():
             0.0506718,
         ),
     }
-    # d/dz of KL(pS||pT) = pS (log pS/pT - KL) = [.5 (ln .625 - ln 1.25), .25 (ln 2.5 - ln 1.25), ..] = ln2 [-.5, .25, .25]
+    # d/dz of KL(pS||pT) = pS (log pS/pT - KL) = [.5 (ln .625 - ln 1.25), .25 (ln 2.5 - ln 1.25), ...]
+    #                   = ln 2 [-.5, .25, .25]
     # d/dz of KL(pT||pS) = pS - pT = [-.3, .15, .15]
     expected_grad = {
         "reverse_kl": [-0.5 * math.log(2), 0.25 * math.log(2), 0.25 * math.log(2)],
@@ -168,6 +174,43 @@ def test_exact_token_kl_equals_a_per_position_loop(chunk_size):
             assert entropy[b, t].item() == pytest.approx(want_ent, rel=1e-5)
 
 
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates (forward and backward run through the mode)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("loss", DIVERGENCE_LOSS_NAMES)
+def test_no_tensor_larger_than_a_chunk_of_the_vocabulary_is_built(loss):
+    # small hidden sizes, so that a (N, V) tensor of the selected tokens is larger than every legitimate buffer
+    b, t, h, ht, chunk_size = 3, 50, 4, 6, 4
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(b, t, h, generator=g, requires_grad=True)
+    weight = torch.randn(V, h, generator=g, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(b, t, ht, generator=g), torch.randn(V, ht, generator=g)
+    selected = torch.rand(b, t, generator=g) < 0.5
+    bound = max(chunk_size * V, V * ht, b * t * ht)  # a chunk of logits, a head, the hidden states
+    assert bound < int(selected.sum()) * V < b * t * V
+    with _LargestTensor() as mode:
+        div = selected_token_divergence(
+            hidden, weight, teacher_hidden, teacher_weight, selected, loss=loss, chunk_size=chunk_size
+        )
+        div.sum().backward()
+        exact_token_kl(hidden, weight, teacher_hidden, teacher_weight, selected, chunk_size=chunk_size)
+    assert mode.largest <= bound
+    with _LargestTensor() as naive_mode:  # the check does see the naive route's (B, T, V) logits
+        student = {"hidden": hidden, "weight": weight, "bias": None}
+        _naive(student, {"hidden": teacher_hidden, "weight": teacher_weight, "bias": None}, selected, loss)
+    assert naive_mode.largest >= b * t * V
+
+
 def test_zero_selected_tokens_give_an_empty_result_in_the_graph():
     student, teacher, _, _ = _inputs()
     value = _chunked(student, teacher, torch.zeros(B, T, dtype=torch.bool), "jsd", chunk_size=4)
@@ -203,17 +246,18 @@ def test_bf16_heads_match_float64_within_bf16_rounding():
 
 def test_bad_input_raises_with_the_setting_to_fix():
     student, teacher, selected, _ = _inputs()
+    h, w, th, tw = student["hidden"], student["weight"], teacher["hidden"], teacher["weight"]
     with pytest.raises(ValueError, match="--loss.*`loss`"):
         _chunked(student, teacher, selected, "kl", chunk_size=4)
     with pytest.raises(ValueError, match="share the vocabulary"):
-        selected_token_divergence(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"][:-1], selected)
+        selected_token_divergence(h, w, th, tw[:-1], selected)
     with pytest.raises(ValueError, match="same positions"):
-        selected_token_divergence(student["hidden"], student["weight"], teacher["hidden"][:, :-1], teacher["weight"], selected)
+        selected_token_divergence(h, w, th[:, :-1], tw, selected)
     with pytest.raises(ValueError, match="bool"):
-        selected_token_divergence(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], selected.long())
+        selected_token_divergence(h, w, th, tw, selected.long())
     with pytest.raises(ValueError, match="chunk_size"):
         _chunked(student, teacher, selected, "jsd", chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         _chunked(student, teacher, selected, "jsd", chunk_size=4, temperature=0.0)
     with pytest.raises(ValueError, match="teacher_weight"):
-        exact_token_kl(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"][:, :-1], selected)
+        exact_token_kl(h, w, th, tw[:, :-1], selected)

@@ -1,1 +1,2 @@
-"""Pure tensor functions of TIP: token scores, selection rules, hybrid advantages, selected-token LM head and divergences. No verl import here."""
+"""Pure tensor functions of TIP: token scores, selection rules, hybrid advantages, the selected-token LM head and
+student/teacher divergences. No verl import here."""
