@@ -11,6 +11,7 @@ from tip_verl.core.scores import (
     minmax_normalize,
     normalized_entropy,
     quadrant_labels,
+    quantile_clipped_minmax,
     soft_or_score,
     token_entropy,
     topk_reverse_kl,
@@ -69,6 +70,21 @@ def test_minmax_with_clip_and_soft_or_by_hand():
     torch.testing.assert_close(h_hat, torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, 0.0]]))
     d_hat = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(soft_or_score(h_hat, d_hat)[0], torch.tensor([0.5, 0.75, 1.0]))
+
+
+def test_quantile_clipped_minmax_by_hand():
+    # valid values 0, 1, 2, 3, 100 (the padded 50 is ignored); linear quantile at position q * (5 - 1)
+    divergence = torch.tensor([[0.0, 1.0, 2.0, 50.0], [3.0, 100.0, 50.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # q = 0.75: position 3, the value 3; d^ = min(d, 3) / 3
+    expected = torch.tensor([[0.0, 1 / 3, 2 / 3, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 0.75, "d"), expected)
+    # q = 0.8: position 3.2, 3 + 0.2 * (100 - 3) = 22.4
+    expected = torch.tensor([[0.0, 1 / 22.4, 2 / 22.4, 0.0], [3 / 22.4, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 0.8, "d"), expected)
+    # q = 1: plain min-max, the outlier presses the rest below 0.03
+    expected = torch.tensor([[0.0, 0.01, 0.02, 0.0], [0.03, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 1.0, "d"), expected)
 
 
 def test_quadrants_median_split_and_absolute_thresholds():

@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from tip_verl.core.advantages import select_and_reward
+from tip_verl.core.config import TipConfig
 from tip_verl.core.reference_selection import reference_select
+from tip_verl.core.scores import divergence_estimate
 from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget
 
 PAD = 0.0
@@ -120,3 +123,47 @@ def test_selected_fraction_tracks_ratio_on_long_rollouts():
     inputs = SelectionInputs(mask, torch.rand(8, 1000), torch.rand(8, 1000), 0.98, torch.Generator().manual_seed(0))
     for ratio in (0.1, 0.2, 0.5):
         assert select_tokens("soft_or", ratio, inputs).float().mean().item() == pytest.approx(math.floor(1000 * ratio) / 1000)
+
+
+def outlier_batch():
+    """16 x 64 tokens of random entropy and log-probs; at (5, 17) the teacher likes the sampled token e^12
+    times more than the student (k3 = e^12 - 13 ~ 1.6e5, against at most ~30 elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(16, 64, dtype=torch.bool)
+    entropy = torch.rand(16, 64, generator=g) * 3
+    student = -torch.rand(16, 64, generator=g) * 4
+    teacher = (student + torch.randn(16, 64, generator=g)).clamp(max=0.0)
+    student[5, 17], teacher[5, 17] = -12.5, -0.5
+    return mask, entropy, student, teacher
+
+
+def test_one_divergence_outlier_leaves_soft_or_distinct_from_entropy():
+    mask, entropy, student, teacher = outlier_batch()
+
+    def picks(student_logprobs=student, **tip):
+        return select_and_reward(TipConfig(ratio=0.25, **tip), mask, student_logprobs, teacher, entropy).selected
+
+    entropy_picks = picks(rule="entropy")
+    # plain min-max: every other token's d^ is below 2e-4, and Soft-OR picks exactly the entropy rule's tokens
+    assert torch.equal(picks(rule="soft_or", divergence_quantile=1.0), entropy_picks)
+    clipped = picks(rule="soft_or")
+    assert (clipped & entropy_picks).sum() / entropy_picks.sum() < 0.9
+    without_outlier = student.clone()
+    without_outlier[5, 17] = teacher[5, 17]
+    unperturbed = picks(without_outlier, rule="soft_or")
+    assert clipped[5, 17] and (clipped & unperturbed).sum() / unperturbed.sum() > 0.98
+
+
+@pytest.mark.parametrize("rule", ["soft_or", "q3"])
+@pytest.mark.parametrize("divergence_quantile", [0.9, 0.98, 1.0])
+def test_clipped_divergence_equals_loop_reference(rule, divergence_quantile):
+    mask, entropy, student, teacher = outlier_batch()
+    divergence = divergence_estimate(teacher, student, mask)
+    inputs = SelectionInputs(mask, entropy, divergence, 0.98, None, divergence_quantile)
+    expected = reference_select(rule, 0.25, mask, entropy, divergence, 0.98, None, divergence_quantile)
+    assert torch.equal(select_tokens(rule, 0.25, inputs), expected)
+
+
+def test_divergence_quantile_must_be_a_fraction():
+    with pytest.raises(ValueError, match=r"algorithm.tip.divergence_quantile=0 must be in \(0, 1\]"):
+        TipConfig(divergence_quantile=0)

@@ -23,7 +23,9 @@ class TipConfig:
     mix: replace (selected tokens: coef * r_t; others: GRPO), add (GRPO everywhere + coef * r_t on selected),
         teacher_only (selected tokens: coef * r_t; others: 0, i.e. pure OPD on the selected tokens).
     seed: seed of the random and entropy_sample rules.
-    entropy_quantile: entropy is clipped at this batch quantile before min-max normalisation (Soft-OR).
+    entropy_quantile: entropy is clipped at this batch quantile before min-max normalisation (Soft-OR, q3).
+    divergence_quantile: the divergence is clipped at this batch quantile before min-max normalisation
+        (Soft-OR); 1.0 is plain min-max, where one k3 outlier turns Soft-OR into the entropy rule.
     quadrant_quantile: batch quantile that splits "high" from "low" on each axis for the Q1..Q4 labels,
         unless an absolute threshold below is set. The median (0.5) is the default: the paper gives no
         threshold, and a median split reproduces its reported shares (Q4 40-47%, Q3 3-15%) when entropy and
@@ -42,6 +44,7 @@ class TipConfig:
     mix: str = "replace"
     seed: int = 0
     entropy_quantile: float = 0.98
+    divergence_quantile: float = 0.98
     quadrant_quantile: float = 0.5
     entropy_threshold: Optional[float] = None
     divergence_threshold: Optional[float] = None
@@ -53,6 +56,7 @@ class TipConfig:
         _check_choice("mix", self.mix, MIX_NAMES)
         _check_fraction("ratio", self.ratio, "the share of each rollout's tokens that gets the teacher signal")
         _check_fraction("entropy_quantile", self.entropy_quantile, "the batch quantile entropy is clipped at")
+        _check_fraction("divergence_quantile", self.divergence_quantile, "the batch quantile divergence is clipped at")
         _check_fraction("quadrant_quantile", self.quadrant_quantile, "the batch quantile splitting high/low")
         for name in ("entropy_threshold", "divergence_threshold"):
             value = getattr(self, name)

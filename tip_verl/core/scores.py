@@ -119,6 +119,18 @@ def minmax_normalize(
     return values.clamp(max=high).sub_(low).div_(high - low).masked_fill_(~mask, 0.0)
 
 
+def quantile_clipped_minmax(
+    values: torch.Tensor, response_mask: torch.Tensor, quantile: float, name: str
+) -> torch.Tensor:
+    """Clip `values` (B, T) at their batch `quantile` over valid tokens, then min-max normalise to [0, 1].
+
+    quantile 1.0 is plain min-max. The clip keeps a few extreme tokens from pressing every other token's
+    normalised value towards 0 (k3 of a single token at log-ratio 12 is ~1.6e5). 0 at padding.
+    """
+    upper = masked_quantile(values, response_mask, quantile) if quantile < 1.0 else None
+    return minmax_normalize(values, response_mask, name, upper=upper)
+
+
 def soft_or_score(normalized_entropy_: torch.Tensor, normalized_divergence: torch.Tensor) -> torch.Tensor:
     """s_t = 1 - (1 - h^_t)(1 - d^_t): high when either the entropy or the divergence is high. (B, T)."""
     return 1.0 - (1.0 - normalized_entropy_) * (1.0 - normalized_divergence)

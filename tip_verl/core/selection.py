@@ -13,18 +13,15 @@ from typing import Callable, Optional
 
 import torch
 
-from tip_verl.core.scores import (
-    masked_quantile,
-    minmax_normalize,
-    q3_score,
-    soft_or_score,
-)
+from tip_verl.core.scores import q3_score, quantile_clipped_minmax, soft_or_score
 
 
 @dataclass
 class SelectionInputs:
     """What a rule may read. All (B, T); entropy in nats, divergence a per-token KL estimate.
 
+    entropy_quantile / divergence_quantile: Soft-OR clips each axis at this batch quantile before min-max
+    normalisation (1.0: plain min-max); q3 reads the entropy one only.
     generator: draws of the random rules, made on its own device (see `uniform_like`).
     """
 
@@ -33,6 +30,7 @@ class SelectionInputs:
     divergence: Optional[torch.Tensor] = None
     entropy_quantile: float = 0.98
     generator: Optional[torch.Generator] = None
+    divergence_quantile: float = 0.98
 
 
 SelectionKeyFn = Callable[[SelectionInputs], torch.Tensor]
@@ -100,8 +98,7 @@ def _require(inputs: SelectionInputs, field: str, rule: str) -> torch.Tensor:
 def normalized_entropy_for_ranking(inputs: SelectionInputs, rule: str) -> torch.Tensor:
     """h^: entropy clipped at its batch `entropy_quantile`, min-max normalised over valid tokens. (B, T)."""
     entropy = _require(inputs, "entropy", rule)
-    upper = masked_quantile(entropy, inputs.response_mask, inputs.entropy_quantile)
-    return minmax_normalize(entropy, inputs.response_mask, "student entropy", upper=upper)
+    return quantile_clipped_minmax(entropy, inputs.response_mask, inputs.entropy_quantile, "student entropy")
 
 
 def uniform_like(reference: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -148,14 +145,24 @@ def divergence_keys(inputs: SelectionInputs) -> torch.Tensor:
 
 @register_selection_rule("soft_or")
 def soft_or_keys(inputs: SelectionInputs) -> torch.Tensor:
-    """Soft-OR of normalised entropy and divergence, top-k (the paper's best rule)."""
+    """Soft-OR of normalised entropy and divergence, top-k (the paper's best rule).
+
+    Both axes are clipped at a batch quantile before min-max: with plain min-max one k3 outlier squeezes
+    every other token's d^ towards 0 and Soft-OR picks the entropy rule's tokens.
+    """
     divergence = _require(inputs, "divergence", "soft_or")
-    normalized_divergence = minmax_normalize(divergence, inputs.response_mask, "teacher-student divergence")
+    normalized_divergence = quantile_clipped_minmax(
+        divergence, inputs.response_mask, inputs.divergence_quantile, "teacher-student divergence"
+    )
     return soft_or_score(normalized_entropy_for_ranking(inputs, "soft_or"), normalized_divergence)
 
 
 @register_selection_rule("q3")
 def q3_keys(inputs: SelectionInputs) -> torch.Tensor:
-    """d_t (1 - h^_t), top-k: confident tokens where the teacher disagrees."""
+    """d_t (1 - h^_t), top-k: confident tokens where the teacher disagrees.
+
+    The divergence stays raw, as in the paper's w = d (1 - h^): nothing normalises it over the batch, so an
+    outlier only moves itself up its own rollout's ranking and leaves the other rollouts' picks as they were.
+    """
     divergence = _require(inputs, "divergence", "q3")
     return q3_score(divergence.float(), normalized_entropy_for_ranking(inputs, "q3"))
