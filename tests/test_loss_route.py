@@ -11,11 +11,12 @@ import pytest
 import torch
 from tensordict import TensorDict
 from verl.trainer.distillation.losses import distillation_loss, distillation_ppo_loss
+from verl.trainer.ppo.core_algos import kl_penalty
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, DistillationConfig, DistillationLossConfig
 
 import tip_verl.verl_ext.plugin  # noqa: F401  (registers the tip_* losses, as verl's entry point does)
-from tip_verl.core.distill_losses import TipLossConfig, selected_token_weights
+from tip_verl.core.distill_losses import K3_LINEAR_ABOVE, TipLossConfig, k3_divergence, selected_token_weights
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.selection import SelectionInputs, select_tokens
 from tip_verl.verl_ext.losses import SETTINGS_KEY, check_loss_route, loss_route_settings
@@ -112,7 +113,7 @@ def run(loss_mode, tip, tip_loss=None, step=0, output=None, data=None, **config_
     return distillation_loss(actor, distill, output, data)
 
 
-def test_rule_all_equals_verl_own_k3():
+def test_rule_all_equals_verl_own_k3_where_verl_does_not_clamp():
     output, _ = student_output()
     ours, _ = run("tip_k3", {"rule": "all"}, output=output)
     verls, _ = run("k3", None, output=output, data=micro_batch())
@@ -133,6 +134,44 @@ def test_divergence_rule_mean_over_selected_tokens_and_gradient(ratio):
     for i, t in chosen:  # d k3 / d log pS = 1 - pT / pS
         grad[i, t] = (1.0 - math.exp(float(TEACHER[i, t] - STUDENT[i, t]))) / len(chosen)
     assert torch.allclose(leaf.grad, grad)
+
+
+def test_k3_keeps_value_and_gradient_where_verl_clamps_it():
+    """verl's kl_penalty caps k3 at 10 (log pT - log pS above ~2.6 or below ~-11): a constant loss, no gradient,
+    and a tie the rules would break by position. The TIP loss ranks and trains on the true k3."""
+    log_q = 0.3 * torch.rand(STUDENT.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    log_q[0, :3] = torch.tensor([2.7, -15.0, 5.0])  # k3 = 11.2, 14.0, 142.4: all three 10 for verl
+    teacher = STUDENT + log_q
+    leaf = STUDENT.clone().requires_grad_(True)
+    verl_k3 = kl_penalty(logprob=leaf, ref_logprob=teacher, kl_penalty="k3")
+    assert torch.equal(verl_k3[0, :3].detach(), torch.full((3,), 10.0, dtype=torch.float64))
+    verl_k3[0, :3].sum().backward()
+    assert torch.equal(leaf.grad[0, :3], torch.zeros(3, dtype=torch.float64))
+
+    output, leaf = student_output()
+    data = micro_batch({"rule": "divergence", "ratio": 0.5}, teacher=full_sequence(teacher.unsqueeze(-1), 0.0))
+    loss, _ = run("tip_k3", None, output=output, data=data)
+    values = [[math.exp(float(log_q[i, t])) - float(log_q[i, t]) - 1.0 for t in range(m)] for i, m in enumerate(RESP_LENS)]
+    chosen = top_by_value(values, 0.5)
+    assert {(0, 2), (0, 1)} <= set(chosen) and (0, 0) not in chosen  # verl's values would pick positions 0 and 1
+    assert loss.item() == pytest.approx(sum(values[i][t] for i, t in chosen) / len(chosen), rel=1e-9)
+    loss.backward()
+    grad = torch.zeros_like(STUDENT)
+    for i, t in chosen:  # d k3 / d log pS = 1 - e^(log pT - log pS)
+        grad[i, t] = (1.0 - math.exp(float(log_q[i, t]))) / len(chosen)
+    torch.testing.assert_close(leaf.grad, grad)
+    assert leaf.grad[0, 2] == pytest.approx((1.0 - math.exp(5.0)) / len(chosen))
+    assert leaf.grad[0, 1] == pytest.approx((1.0 - math.exp(-15.0)) / len(chosen))
+
+
+def test_k3_turns_linear_far_above_float32_overflow():
+    student = torch.tensor([-60.0, -1.0], requires_grad=True)  # log q = 60: e^60 overflows no float32, k3 stays finite
+    losses = k3_divergence(student, torch.tensor([0.0, -1.0]))
+    losses.sum().backward()
+    slope = math.expm1(K3_LINEAR_ABOVE)
+    assert losses[0].item() == pytest.approx(slope - K3_LINEAR_ABOVE + 20.0 * slope, rel=1e-6)
+    assert losses[1].item() == 0.0
+    assert student.grad[0].item() == pytest.approx(-slope, rel=1e-6) and student.grad[1].item() == 0.0
 
 
 def test_ppo_wrapper_adds_coef_times_the_tip_loss():

@@ -2,7 +2,9 @@
 
 Select one with `distillation.distillation_loss.loss_mode`:
   tip_<estimator> (tip_k3, tip_low_var_kl, tip_k2, tip_mse, tip_abs, tip_k1, tip_kl): verl's sampled-token
-      KL estimate (`kl_penalty`, as loss_mode=<estimator>), kept on the TIP-selected tokens only;
+      KL estimate (`kl_penalty`, as loss_mode=<estimator>), kept on the TIP-selected tokens only; k3 and
+      low_var_kl (one estimate) without verl's clamps, which would give the most divergent tokens a constant
+      loss and no gradient (`tip_verl.core.distill_losses.k3_divergence`);
   tip_forward_kl_topk: verl's forward KL over the teacher's top-k (as loss_mode=forward_kl_topk), same mask;
   tip_entropy_aware_topk: the same forward KL, only where the teacher's entropy over its renormalised top-k
       is >= algorithm.tip_loss.teacher_entropy_tau, then the TIP mask.
@@ -37,6 +39,7 @@ from tip_verl.core.distill_losses import (
     ROUTE_DROP,
     TipLossConfig,
     check_loss_inputs,
+    k3_divergence,
     rollout_correct,
     route_by_outcome,
     selected_token_weights,
@@ -48,6 +51,7 @@ from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
 ESTIMATOR_NAMES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl's estimator losses (losses.py:371)
+CLAMPED_BY_VERL = ("low_var_kl", "k3")  # kl_penalty clamps both; computed here by k3_divergence instead
 TOPK_NAMES = ("forward_kl_topk",)
 ENTROPY_AWARE_TOPK = "tip_entropy_aware_topk"
 ESTIMATOR_LOSSES = tuple(TIP_PREFIX + name for name in ESTIMATOR_NAMES)
@@ -218,7 +222,9 @@ def apply_tip(
 def compute_tip_estimator_loss(
     config: Any, distillation_config: Any, model_output: dict, data: TensorDict
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """verl's sampled-token KL estimate (kl_penalty) on the TIP-selected tokens. Returns (bsz, response_length).
+    """verl's sampled-token KL estimate (kl_penalty; k3 and low_var_kl unclamped) on the TIP-selected tokens.
+
+    Returns (bsz, response_length). The rules rank on the same unclamped values, detached.
 
     model_output["log_probs"]: nested (bsz, seq) student log pS(y_t); data["teacher_logprobs"]: nested
     (bsz, seq, 1) teacher log pT(y_t); both cut to the response here as in verl's own estimator loss.
@@ -242,6 +248,8 @@ def compute_tip_estimator_loss(
     check_loss_inputs(_response_mask(data), student_log_probs=student, teacher_log_probs=teacher)
 
     def divergence(name: str) -> torch.Tensor:
+        if name in CLAMPED_BY_VERL:
+            return k3_divergence(student, teacher)
         return kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
 
     own = divergence(loss_config.loss_mode[len(TIP_PREFIX) :])
