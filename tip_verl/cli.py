@@ -81,11 +81,11 @@ def demo_config(args: argparse.Namespace):
 
 def run_demo(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
     from tip_verl.local.assets import load_role
-    from tip_verl.local.checkpoint import read_metrics
+    from tip_verl.local.checkpoint import checkpoint_step, read_metrics
     from tip_verl.local.loop import train
+    from tip_verl.local.progress import progress
     from tip_verl.local.report import summarize, write_plots
     from tip_verl.local.tasks import get_task
 
@@ -93,19 +93,11 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(config.threads)
     task = get_task(config.task)
     started = time.time()
-    teacher, teacher_card = load_role(task, "teacher", retrain=args.retrain_teacher, log=tqdm.write)
-    student, _ = load_role(task, "student", retrain=args.retrain_student, log=tqdm.write)
-    done = len([r for r in read_metrics(args.out) if r["step"] > 0]) if args.resume else 0
-    with tqdm(total=config.steps, initial=min(done, config.steps), desc=f"{config.adv_estimator} {task.name}",
-              unit="step", dynamic_ncols=True) as bar:
-
-        def on_step(record: dict) -> None:
-            if record["step"] > 0:
-                bar.update(1)
-            if "eval/accuracy" in record:
-                bar.set_postfix(acc=f"{record['eval/accuracy']:.3f}", kl=f"{record.get('kl/teacher', 0):.3f}")
-
-        status = train(config, args.out, teacher, student, resume=args.resume, on_step=on_step)
+    teacher, teacher_card = load_role(task, "teacher", retrain=args.retrain_teacher)
+    student, _ = load_role(task, "student", retrain=args.retrain_student)
+    start = checkpoint_step(args.out) if args.resume else 0
+    with progress(config.steps, start, f"{config.adv_estimator} {task.name}") as shown:
+        status = train(config, args.out, teacher, student, resume=args.resume, on_step=shown.update)
     records = read_metrics(args.out)
     write_plots(records, args.out, config)
     summary = summarize(records, config, teacher_card, time.time() - started)

@@ -1,4 +1,5 @@
-"""Interrupt-safe run state: the student, the optimizer, RNG states and the step, written atomically.
+"""Interrupt-safe run state: the student, the optimizer, RNG states and the step, written atomically, and the
+metrics log, which a resume cuts back to the checkpoint's step even when a kill left half a line at its end.
 
 The estimator's generator (random and entropy_sample rules) needs no saving: it restarts from (seed, step)
 every step, so a resumed run draws what the uninterrupted run drew.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,16 +45,44 @@ def load_checkpoint(out: Path, student, optimizer, problem_rng: random.Random) -
     return state["step"]
 
 
+def checkpoint_step(out: Path) -> int:
+    """The step of the checkpoint saved in `out`, 0 when there is none (a resume then starts over)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return 0
+    return torch.load(path, weights_only=False, mmap=True)["step"]
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the records after `last_step`, rewriting through a temporary file, so a kill mid-write keeps the
+    previous file; an unreadable last line (see `read_metrics`) is dropped too."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in _parse_metrics(path) if record["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(out: Path) -> list[dict]:
     path = out / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_metrics(path) if path.exists() else []
+
+
+def _parse_metrics(path: Path) -> list[dict]:
+    """One record per JSON line. A kill while a line is written leaves half of it: an unreadable LAST line is
+    skipped with a warning; an unreadable line before it means the file is damaged, and raises."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}: line {number} of {len(lines)} is not JSON ({error}); only the last line can be cut "
+                    "short by a kill. Remove the damaged lines, or start over without --resume."
+                ) from error
+            warnings.warn(f"{path}: the last line is incomplete (the run was killed while writing it); skipped.",
+                          stacklevel=3)
+    return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from tip_verl.core.config import TipConfig  # noqa: E402
 from tip_verl.core.scores import masked_quantile  # noqa: E402
 
 QUADRANT_COLORS = {1: "#d62728", 2: "#ff7f0e", 3: "#9467bd", 4: "#7f7f7f"}
@@ -60,9 +62,30 @@ def learning_curves(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def quadrant_map(batch: dict, path: Path, title: str) -> None:
+def quadrant_thresholds(batch: dict, tip: TipConfig) -> tuple[float, float]:
+    """The entropy and divergence thresholds the batch's quadrant labels were computed with
+    (`tip_verl.core.scores.quadrant_labels`): the absolute ones of `tip` when set, else the batch
+    `quadrant_quantile` over valid tokens. batch holds response_mask, entropy and divergence, each (N, T)."""
+    mask = batch["response_mask"]
+
+    def threshold(absolute: Optional[float], values: torch.Tensor) -> float:
+        return absolute if absolute is not None else masked_quantile(values, mask, tip.quadrant_quantile).item()
+
+    return threshold(tip.entropy_threshold, batch["entropy"]), threshold(tip.divergence_threshold, batch["divergence"])
+
+
+def threshold_source(tip: TipConfig) -> str:
+    """How the quadrant thresholds were chosen, for the legend."""
+    quantile = f"batch quantile {tip.quadrant_quantile:g}"
+    entropy = f"H = {tip.entropy_threshold:g}" if tip.entropy_threshold is not None else f"H at {quantile}"
+    divergence = f"D = {tip.divergence_threshold:g}" if tip.divergence_threshold is not None else f"D at {quantile}"
+    return f"{entropy}, {divergence}"
+
+
+def quadrant_map(batch: dict, path: Path, title: str, tip: TipConfig) -> None:
     """Every valid response token of one batch on the entropy x divergence plane, coloured by quadrant;
-    the tokens TIP selected are drawn filled, the others hollow. Dashed lines: the quadrant thresholds."""
+    the tokens TIP selected are drawn filled, the others hollow. Dashed lines: the quadrant thresholds of `tip`,
+    the config the batch was scored with (its divergence estimate names the vertical axis)."""
     mask = batch["response_mask"].bool()
     entropy = batch["entropy"][mask]
     divergence = batch["divergence"][mask]
@@ -77,14 +100,16 @@ def quadrant_map(batch: dict, path: Path, title: str) -> None:
                    edgecolors=QUADRANT_COLORS[q], linewidths=0.7, alpha=0.6)
         ax.scatter(entropy[picked], divergence[picked], s=14, color=QUADRANT_COLORS[q], alpha=0.9,
                    label=f"{QUADRANT_NAMES[q]}: {share:.0%} of tokens, {picked.sum().item() / max(1, in_q.sum().item()):.0%} selected")
-    ax.axvline(masked_quantile(batch["entropy"], mask, 0.5).item(), color="k", ls="--", lw=0.8)
-    ax.axhline(masked_quantile(batch["divergence"], mask, 0.5).item(), color="k", ls="--", lw=0.8)
+    entropy_cut, divergence_cut = quadrant_thresholds(batch, tip)
+    ax.axvline(entropy_cut, color="k", ls="--", lw=0.8, label=f"thresholds: {threshold_source(tip)}")
+    ax.axhline(divergence_cut, color="k", ls="--", lw=0.8)
     ax.scatter([], [], s=14, color="k", label="filled: selected by TIP")
     ax.scatter([], [], s=14, facecolors="none", edgecolors="k", label="hollow: dropped")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xscale("symlog", linthresh=1e-2)
     ax.set_xlabel("student entropy H (nats, linear below 0.01)")
-    ax.set_ylabel("divergence D (k3 estimate of KL(student || teacher), linear below 0.001)")
+    ax.set_ylabel(f"divergence D ({tip.divergence} estimate of KL(student || teacher), "
+                  "linear below 0.001)")
     ax.set_title(f"{title}\n{int(selected.sum())} of {int(mask.sum())} tokens selected")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)

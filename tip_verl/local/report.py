@@ -23,7 +23,7 @@ def write_plots(records: list[dict], out: Path, config: LoopConfig) -> None:
         batch = load_batch(batch_path)
         if "selected" in batch:
             quadrant_map(batch, out / "quadrant_map.png",
-                         f"Student tokens of step {config.dump_batch_at}: {method_name(config)}")
+                         f"Student tokens of step {config.dump_batch_at}: {method_name(config)}", config.tip)
 
 
 def _mean(records: list[dict], key: str) -> float:
@@ -32,10 +32,14 @@ def _mean(records: list[dict], key: str) -> float:
 
 
 def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, seconds: float) -> dict:
-    """Accuracy before and after, teacher accuracy, share of tokens trained, timings; with a text table."""
+    """Accuracy before and at the end, teacher accuracy, share of tokens trained, timings; with a text table.
+
+    The result is the held-out accuracy of the LAST evaluation. The best over evaluations is not reported: the
+    evaluations share one held-out set, so their maximum is biased upward (a best checkpoint would need its own
+    selection split).
+    """
     evals = [r for r in records if "eval/accuracy" in r]
     steps = [r for r in records if r["step"] > 0]
-    best = max(evals, key=lambda r: r["eval/accuracy"]) if evals else None
     summary = {
         "task": config.task,
         "method": method_name(config),
@@ -43,9 +47,8 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
         "teacher_accuracy": records[0].get("eval/teacher_accuracy") if records else None,
         "teacher_params": teacher_card.get("params"),
         "student_accuracy_before": evals[0]["eval/accuracy"] if evals else None,
-        "student_accuracy_after": evals[-1]["eval/accuracy"] if evals else None,
-        "student_accuracy_best": best["eval/accuracy"] if best else None,
-        "student_best_step": best["step"] if best else None,
+        "student_accuracy_final": evals[-1]["eval/accuracy"] if evals else None,
+        "student_accuracy_final_step": evals[-1]["step"] if evals else None,
         "tokens_in_loss_fraction": _mean(steps, "tokens/trained_fraction"),
         "tokens_with_signal_fraction": _mean(steps, "tokens/nonzero_advantage_fraction"),
         "seconds_per_step": _mean(steps, "time/step"),
@@ -57,8 +60,8 @@ def summarize(records: list[dict], config: LoopConfig, teacher_card: dict, secon
         ("steps", f"{summary['steps']} ({summary['seconds_per_step']:.2f} s/step, {seconds:.0f} s this session)"),
         ("teacher accuracy", f"{summary['teacher_accuracy']:.3f}"),
         ("student accuracy before", f"{summary['student_accuracy_before']:.3f}"),
-        ("student accuracy after", f"{summary['student_accuracy_after']:.3f}"),
-        ("student accuracy best", f"{summary['student_accuracy_best']:.3f} (step {summary['student_best_step']})"),
+        ("student accuracy final", f"{summary['student_accuracy_final']:.3f} "
+                                   f"(step {summary['student_accuracy_final_step']}, last evaluation)"),
         ("tokens in the loss", f"{summary['tokens_in_loss_fraction']:.1%}"),
         ("tokens with a non-zero advantage", f"{summary['tokens_with_signal_fraction']:.1%}"),
     ]
