@@ -92,9 +92,13 @@ def _recomputed_log_softmax(h, weight, bias, temperature, lse, dtype):
     return _chunk_logits(h, weight, bias, temperature).to(dtype).sub_(lse[:, None])
 
 
-def _reverse_kl(p_s: torch.Tensor, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-    # one difference buffer rather than two dot products: no cancellation when pS is close to pT
-    return _row_dot(p_s, log_s - log_t)
+def _kl_(p_a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from (C, V) p_a, log p_a and log p_b; overwrites ``log_b`` with log_a - log_b.
+
+    The difference is formed before the dot product, not as two dot products: no cancellation
+    when the two distributions are close.
+    """
+    return _row_dot(p_a, log_b.neg_().add_(log_a))
 
 
 def _log_mixture(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,7 @@ def _log_mixture(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Divergence per row, and the row constant its logit gradient subtracts.
+    """Divergence per row, and the row constant its logit gradient subtracts; overwrites its inputs.
 
     Args:
         log_s, log_t: (C, V) student and teacher log-probabilities.
@@ -112,14 +116,15 @@ def _chunk_divergence(log_s: torch.Tensor, log_t: torch.Tensor, loss: str) -> Tu
         jsd (see the module docstring) and unused (zeros) for forward_kl.
     """
     if loss == "reverse_kl":
-        divergence = _reverse_kl(log_s.exp(), log_s, log_t)
+        divergence = _kl_(log_s.exp(), log_s, log_t)
         return divergence, divergence
     if loss == "forward_kl":
-        divergence = _row_dot(log_t.exp(), log_t - log_s)
+        divergence = _kl_(log_t.exp(), log_t, log_s)
         return divergence, torch.zeros_like(divergence)
     log_m = _log_mixture(log_s, log_t)
-    kl_s = _row_dot(log_s.exp(), log_s - log_m)
-    kl_t = _row_dot(log_t.exp(), log_t - log_m)
+    p = log_s.exp()
+    kl_s = _row_dot(p, log_s.sub_(log_m))
+    kl_t = _row_dot(torch.exp(log_t, out=p), log_t.sub_(log_m))
     return 0.5 * (kl_s + kl_t), kl_s
 
 
@@ -377,8 +382,8 @@ def exact_token_kl(
         log_s, _ = _chunk_log_softmax(h_s[s:e], student_weight, student_bias, temperature, cdt)
         log_t, _ = _chunk_log_softmax(h_t[s:e], teacher_weight, teacher_bias, temperature, cdt)
         p_s = log_s.exp()
-        kl[s:e] = _reverse_kl(p_s, log_s, log_t)
         entropy[s:e] = -_row_dot(p_s, log_s)
+        kl[s:e] = _kl_(p_s, log_s, log_t)
         del log_s, log_t, p_s
     zeros = torch.zeros(mask.shape, dtype=cdt, device=h_s.device)
     return zeros.masked_scatter(mask, kl), zeros.masked_scatter(mask, entropy)
