@@ -17,6 +17,15 @@ hidden and to the head weight. Three ways are compared:
 
 `full` and `verl` do not depend on the ratio and run once per (T, V).
 
+--divergence compares, instead, the loss route's full-vocabulary reverse KL to a
+teacher head (V, H) without grad, averaged over the selected tokens:
+
+  kl_full  the naive way: student and teacher logits for all T tokens,
+           log_softmax, KL(pS || pT) per token, masked (the baseline).
+  kl_tip   tip_verl.core.selected_divergence.selected_token_divergence:
+           selected tokens only, in chunks of --chunk-size, both models'
+           logits recomputed in backward.
+
 Each (method, T, V, ratio) runs in a fresh subprocess. The subprocess builds its
 inputs, resets the kernel's peak-RSS counter (/proc/self/clear_refs, value 5),
 records its current RSS as the baseline, runs --steps steps, and reports
@@ -48,7 +57,8 @@ ALL_T = [2048, 8192]
 ALL_V = [32000, 152064]
 ALL_RATIOS = [1.0, 0.5, 0.2, 0.1]
 METHODS = ["full", "gather", "tip", "verl"]
-RATIO_FREE = ("full", "verl")
+DIVERGENCE_METHODS = ["kl_full", "kl_tip"]
+RATIO_FREE = ("full", "verl", "kl_full")
 
 
 def _rss_kib(field: str) -> int:
@@ -85,9 +95,14 @@ def worker(spec: dict) -> dict:
     selected = torch.zeros(T, dtype=torch.bool)
     selected[torch.randperm(T)[:n_sel]] = True
     adv = torch.randn(T, dtype=torch.float32)
+    if method.startswith("kl_"):
+        teacher_hidden = torch.randn(T, H, dtype=dtype).mul_(0.5)
+        teacher_weight = torch.randn(V, H, dtype=dtype).mul_(H**-0.5)
 
     if method == "tip":
         from tip_verl.core.selected_logits import selected_token_logprobs
+    if method == "kl_tip":
+        from tip_verl.core.selected_divergence import selected_token_divergence
     if method == "verl":
         from verl.utils.experimental.torch_functional import FusedLinearForPPO
 
@@ -102,11 +117,24 @@ def worker(spec: dict) -> dict:
             h = hidden[selected]
             logp = torch.log_softmax(h @ weight.t(), dim=-1).gather(-1, targets[selected][:, None]).squeeze(-1)
             loss = -(adv[selected] * logp).sum() / n_sel
+        elif method == "kl_full":
+            log_s = torch.log_softmax(hidden @ weight.t(), dim=-1)
+            with torch.no_grad():
+                log_t = torch.log_softmax(teacher_hidden @ teacher_weight.t(), dim=-1)
+            kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+            m = selected.to(kl.dtype)
+            loss = (kl * m).sum() / m.sum()
+        elif method == "kl_tip":
+            kl = selected_token_divergence(
+                hidden[None], weight, teacher_hidden[None], teacher_weight, selected[None],
+                loss="reverse_kl", chunk_size=spec["chunk_size"],
+            )
+            loss = kl.sum() / n_sel
         elif method == "verl":
             logp, _ = fused(hidden, weight, targets)
             m = selected.to(logp.dtype)
             loss = -(adv * logp * m).sum() / m.sum()
-        else:
+        else:  # tip
             logp, _ = selected_token_logprobs(
                 hidden[None], weight, selected[None], targets[None], chunk_size=spec["chunk_size"]
             )
@@ -164,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per subprocess")
     p.add_argument("--max-gib", type=float, default=12.0, help="skip configurations estimated above this")
     p.add_argument("--quick", action="store_true", help="small subset: T=2048, V=32000, ratios 1 0.5 0.1")
+    p.add_argument(
+        "--divergence", action="store_true",
+        help="compare the full-vocabulary reverse KL to a teacher instead: kl_full (baseline) vs. kl_tip",
+    )
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -175,16 +207,16 @@ def main(argv=None) -> int:
         a.T, a.V, a.ratios = [2048], [32000], [1.0, 0.5, 0.1]
 
     nbytes = 2 if a.dtype == "bfloat16" else 4
-    methods = ["full"] + [m for m in a.methods if m != "full"]
+    methods = DIVERGENCE_METHODS if a.divergence else ["full"] + [m for m in a.methods if m != "full"]
     rows = []
     print(f"# load average at start: {os.getloadavg()}", flush=True)
     print(f"# H={a.H} dtype={a.dtype} chunk_size={a.chunk_size} steps={a.steps} threads={a.threads}", flush=True)
-    hdr = f"{'T':>6} {'V':>7} {'ratio':>5} {'method':>6} {'N':>5} {'peak MiB':>9} {'mem/full':>8} {'s/step':>7} {'time/full':>9}"
+    hdr = f"{'T':>6} {'V':>7} {'ratio':>5} {'method':>7} {'N':>5} {'peak MiB':>9} {'mem/full':>8} {'s/step':>7} {'time/full':>9}"
     print(hdr)
     for T in a.T:
         for V in a.V:
-            # naive full-token step: about four T x V buffers live at its peak
-            est_gib = 4 * T * V * nbytes / 2**30
+            # naive full-token step: about four T x V buffers live at its peak (eight with a teacher)
+            est_gib = (8 if a.divergence else 4) * T * V * nbytes / 2**30
             if est_gib > a.max_gib:
                 print(f"skip T={T} V={V}: full-token estimate {est_gib:.1f} GiB > --max-gib {a.max_gib}")
                 continue
@@ -196,14 +228,14 @@ def main(argv=None) -> int:
                         chunk_size=a.chunk_size, steps=a.steps,
                     )
                     r = run_one(spec, a.threads)
-                    if method == "full":
+                    if method == methods[0]:
                         base = r
                     r["mem_ratio"] = r["peak_mib"] / base["peak_mib"]
                     r["time_ratio"] = r["step_s"] / base["step_s"]
                     rows.append(r)
                     flag = "" if r["peak_reset"] else " (ru_maxrss delta)"
                     print(
-                        f"{T:>6} {V:>7} {ratio if method not in RATIO_FREE else '-':>5} {method:>6} {r['n_sel']:>5} "
+                        f"{T:>6} {V:>7} {ratio if method not in RATIO_FREE else '-':>5} {method:>7} {r['n_sel']:>5} "
                         f"{r['peak_mib']:>9.1f} {r['mem_ratio']:>8.3f} {r['step_s']:>7.3f} {r['time_ratio']:>9.3f}{flag}",
                         flush=True,
                     )
