@@ -55,7 +55,7 @@ def checkpoint_step(out: Path) -> int:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop the records after `last_step`, rewriting through a temporary file, so a kill mid-write keeps the
-    previous file; an unreadable last line (see `read_metrics`) is dropped too."""
+    previous file; an unreadable last line (a kill while it was written) is dropped too, with a warning."""
     if not path.exists():
         return
     kept = [record for record in _parse_metrics(path) if record["step"] <= last_step]
@@ -65,6 +65,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def read_metrics(out: Path) -> list[dict]:
+    """The records of out/metrics.jsonl ([] when there is none), without an unreadable last line."""
     path = out / METRICS
     return _parse_metrics(path) if path.exists() else []
 
