@@ -123,6 +123,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    from tip_verl.verl_ext.doctor import run_doctor as check_this_node
+
+    return check_this_node(require_patch=args.require_patch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tip_verl.local.tasks import DEFAULT_TASK, TASKS
 
@@ -141,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, default=None, help="root folder; a task's models go to <out>/<task>/")
     prepare.add_argument("--threads", type=int, default=1)
     prepare.set_defaults(func=run_prepare)
+    doctor = sub.add_parser("doctor", help="check this node before a verl run: versions, registrations, patch",
+                            description="Run on every node: prints the versions of verl, torch, transformers, ray "
+                            "(and vLLM / SGLang / Megatron-Core if installed), whether `import verl` registers "
+                            "tip_opd, tip_sync and the tip_* losses, and whether patches/"
+                            "verl-0.9.1-tip-selected-logprobs.patch is applied to this node's verl. Exits 1, "
+                            "with the fix, when something is missing.")
+    doctor.add_argument("--require-patch", action="store_true",
+                        help="fail (not only warn) when the selected-token patch is not applied")
+    doctor.set_defaults(func=run_doctor)
     return parser
 
 
