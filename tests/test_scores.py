@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tip_verl.core.scores import (
+    ORDER_SAMPLE_SIZE,
     divergence_estimate,
     masked_quantile,
     minmax_normalize,
     normalized_entropy,
     quadrant_labels,
-    quantile_clipped_minmax,
     soft_or_score,
     token_entropy,
     topk_reverse_kl,
@@ -58,33 +58,56 @@ def test_topk_reverse_kl_by_hand():
 def test_masked_quantile_matches_torch_quantile():
     values = torch.randn(4, 9, generator=torch.Generator().manual_seed(0))
     mask = torch.rand(4, 9, generator=torch.Generator().manual_seed(1)) > 0.3
-    for q in (0.0, 0.1, 0.5, 0.98, 1.0):
-        expected = torch.quantile(values[mask], q)
-        torch.testing.assert_close(masked_quantile(values, mask, q), expected)
+    ties = torch.randint(0, 3, (4, 9), generator=torch.Generator().manual_seed(2)).float()
+    for data in (values, ties):
+        for q in (0.0, 0.1, 0.3, 0.5, 0.77, 0.98, 1.0):
+            expected = torch.quantile(data[mask], q)
+            torch.testing.assert_close(masked_quantile(data, mask, q), expected)
+
+
+@pytest.mark.parametrize("data", ["normal", "ties", "periodic"])
+def test_masked_quantile_of_a_large_batch_matches_torch_quantile(data, monkeypatch):
+    # above 4 * ORDER_SAMPLE_SIZE values a strided sample brackets the order statistic; a batch whose every
+    # stride-th value is 0 fools the sample, and selection must fall back to all values
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(64, 1000, dtype=torch.bool)
+    if data == "periodic":
+        values = (torch.arange(64 * 1000) % (64 * 1000 // ORDER_SAMPLE_SIZE) != 0).float().reshape(64, 1000)
+    else:
+        mask[:, 900:] = False
+        values = torch.randn(64, 1000, generator=g)
+        if data == "ties":
+            values = values.mul(2).round()
+    sizes = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda x, k: sizes.append(x.numel()) or kthvalue(x, k))
+    for q in (0.02, 0.5, 0.9, 0.98, 0.999):
+        torch.testing.assert_close(masked_quantile(values, mask, q), torch.quantile(values[mask].float(), q))
+    assert (max(sizes) == int(mask.sum())) == (data == "periodic")  # only there was the full selection needed
 
 
 def test_minmax_with_clip_and_soft_or_by_hand():
     entropy = torch.tensor([[0.0, 1.0, 9.0], [2.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    h_hat = minmax_normalize(entropy, mask, "entropy", upper=torch.tensor(2.0))
+    h_hat = minmax_normalize(entropy, mask, "entropy", quantile=2 / 3)  # valid 0, 1, 2, 9: position 2, the 2
     torch.testing.assert_close(h_hat, torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.0, 0.0]]))
     d_hat = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(soft_or_score(h_hat, d_hat)[0], torch.tensor([0.5, 0.75, 1.0]))
 
 
-def test_quantile_clipped_minmax_by_hand():
+def test_minmax_clipped_at_a_quantile_by_hand():
     # valid values 0, 1, 2, 3, 100 (the padded 50 is ignored); linear quantile at position q * (5 - 1)
     divergence = torch.tensor([[0.0, 1.0, 2.0, 50.0], [3.0, 100.0, 50.0, 50.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     # q = 0.75: position 3, the value 3; d^ = min(d, 3) / 3
     expected = torch.tensor([[0.0, 1 / 3, 2 / 3, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 0.75, "d"), expected)
+    torch.testing.assert_close(minmax_normalize(divergence, mask, "d", 0.75), expected)
     # q = 0.8: position 3.2, 3 + 0.2 * (100 - 3) = 22.4
     expected = torch.tensor([[0.0, 1 / 22.4, 2 / 22.4, 0.0], [3 / 22.4, 1.0, 0.0, 0.0]])
-    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 0.8, "d"), expected)
+    torch.testing.assert_close(minmax_normalize(divergence, mask, "d", 0.8), expected)
     # q = 1: plain min-max, the outlier presses the rest below 0.03
     expected = torch.tensor([[0.0, 0.01, 0.02, 0.0], [0.03, 1.0, 0.0, 0.0]])
-    torch.testing.assert_close(quantile_clipped_minmax(divergence, mask, 1.0, "d"), expected)
+    torch.testing.assert_close(minmax_normalize(divergence, mask, "d", 1.0), expected)
 
 
 def test_quadrants_median_split_and_absolute_thresholds():

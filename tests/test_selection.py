@@ -9,7 +9,7 @@ from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.reference_selection import reference_select
 from tip_verl.core.scores import divergence_estimate
-from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget
+from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget, top_k_per_rollout
 
 PAD = 0.0
 # three rollouts of 4, 2 and 1 valid tokens; ratio 0.5 gives budgets 2, 1 and 1
@@ -167,3 +167,28 @@ def test_clipped_divergence_equals_loop_reference(rule, divergence_quantile):
 def test_divergence_quantile_must_be_a_fraction():
     with pytest.raises(ValueError, match=r"algorithm.tip.divergence_quantile=0 must be in \(0, 1\]"):
         TipConfig(divergence_quantile=0)
+
+
+@pytest.mark.parametrize("ratio", [0.02, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("rule", ["entropy", "divergence"])
+def test_many_ties_equal_loop_reference(ratio, rule):
+    # integer keys in 0..3 on 200 positions: every threshold sits among ties, both ranking paths are taken
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 201, (24,), generator=g)
+    lengths[:3] = torch.tensor([0, 1, 200])
+    mask = torch.arange(200)[None, :] < lengths[:, None]
+    entropy = torch.randint(0, 4, (24, 200), generator=g).float()
+    divergence = torch.randint(0, 2, (24, 200), generator=g).float()
+    fast = select_tokens(rule, ratio, SelectionInputs(mask, entropy, divergence))
+    assert torch.equal(fast, reference_select(rule, ratio, mask, entropy, divergence))
+
+
+def test_top_k_keeps_the_earliest_ties_and_nothing_at_budget_zero():
+    keys = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 2.0], [5.0] * 6, [3.0, 1.0, 3.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    for budget, expected in (
+        ([2, 1, 0], [[1, 2], [0], []]),  # a largest budget of 2 of 6: torch.topk
+        ([3, 0, 2], [[1, 2, 4], [], [0, 2]]),  # padded 2.0 at position 5 is never picked
+        ([5, 6, 3], [[0, 1, 2, 3, 4], list(range(6)), [0, 1, 2]]),  # the full sort
+    ):
+        assert positions(top_k_per_rollout(keys, mask, torch.tensor(budget))) == expected

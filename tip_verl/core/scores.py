@@ -78,57 +78,79 @@ def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: 
 
 
 def masked_quantile(values: torch.Tensor, response_mask: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile (linear interpolation, as torch.quantile) of `values` over valid tokens; a 0-d tensor.
+    """The q-quantile (linear interpolation, as torch.quantile) of `values` (B, T) over valid tokens; 0-d."""
+    return _quantile(_valid_values(values, response_mask, "score"), q)
 
-    Two order statistics by selection (kthvalue), not a full sort: this runs on every batch.
-    """
-    valid = values[response_mask.bool()].float()
+
+def _valid_values(values: torch.Tensor, response_mask: torch.Tensor, what: str) -> torch.Tensor:
+    valid = torch.masked_select(values, response_mask.bool()).float()  # faster than values[mask] on CPU
     if valid.numel() == 0:
-        raise ValueError("No valid response token in the batch (response_mask is all zero): nothing to score.")
+        raise ValueError(f"No valid response token in the batch (response_mask is all zero): nothing to {what}.")
+    return valid
+
+
+def _quantile(valid: torch.Tensor, q: float) -> torch.Tensor:
+    """q-quantile of the 1-d `valid` from the two order statistics around q * (n - 1); 0-d."""
     position = q * (valid.numel() - 1)
     low = int(math.floor(position))
-    high = min(low + 1, valid.numel() - 1)
-    low_value = torch.kthvalue(valid, low + 1).values
-    high_value = torch.kthvalue(valid, high + 1).values if high != low else low_value
+    low_value, high_value = _adjacent_order_statistics(valid, low)
     return low_value + (position - low) * (high_value - low_value)
 
 
-def minmax_normalize(
-    values: torch.Tensor, response_mask: torch.Tensor, name: str, upper: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Min-max normalise `values` (B, T) over the batch's valid tokens to [0, 1]; 0 at padding.
+# Size of the strided sample that brackets an order statistic; used above 4x as many values
+ORDER_SAMPLE_SIZE = 4096
 
-    `upper` (0-d) clips values from above first (e.g. an entropy quantile). Raises on a constant input,
-    where min-max has no meaning.
+
+def _adjacent_order_statistics(valid: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-th and (rank + 1)-th smallest of the 1-d `valid` (0-based; the second capped at the largest).
+
+    Exact, by selection (kthvalue), not a full sort: this runs on every batch. On a large batch the order
+    statistics of a strided sample bracket the rank, and kthvalue runs only on the few values inside the
+    bracket, unless the bracket misses the rank (then on all values).
     """
-    mask = response_mask.bool()
-    if not mask.any():
-        raise ValueError(f"No valid response token to normalise {name} over (response_mask is all zero).")
-    values = values.float()
-    low = values.masked_fill(~mask, math.inf).amin()
-    high = values.masked_fill(~mask, -math.inf).amax()
-    if upper is not None and upper > low:
-        high = torch.minimum(high, upper)
-    if high <= low:
-        raise ValueError(
-            f"Cannot min-max normalise {name}: all {int(mask.sum())} valid tokens have the same value "
-            f"{low.item():.6g}, so it ranks no token above another. This happens when teacher and student "
-            "are the same model (divergence 0) or entropy is constant; pick a rule that does not use this score "
-            "(algorithm.tip.rule=random, entropy or all) or check the inputs."
-        )
-    return values.clamp(max=high).sub_(low).div_(high - low).masked_fill_(~mask, 0.0)
+    n = valid.numel()
+    candidates, below = valid, 0
+    if n > 4 * ORDER_SAMPLE_SIZE:
+        sample = torch.sort(valid[:: n // ORDER_SAMPLE_SIZE]).values
+        centre = rank * (sample.numel() - 1) // max(n - 1, 1)
+        margin = 2 * math.isqrt(sample.numel())  # >= 4 standard errors of the quantile's rank in the sample
+        lower = sample[max(centre - margin, 0)]
+        upper = sample[min(centre + margin + 1, sample.numel() - 1)]
+        under = int(torch.count_nonzero(valid < lower))
+        inside = (valid >= lower) & (valid <= upper)
+        if under <= rank and under + int(torch.count_nonzero(inside)) >= min(rank + 2, n):
+            candidates, below = torch.masked_select(valid, inside), under
+    first = torch.kthvalue(candidates, rank - below + 1).values
+    if rank + 1 >= n:
+        return first, first
+    return first, torch.kthvalue(candidates, rank - below + 2).values
 
 
-def quantile_clipped_minmax(
-    values: torch.Tensor, response_mask: torch.Tensor, quantile: float, name: str
+def minmax_normalize(
+    values: torch.Tensor, response_mask: torch.Tensor, name: str, quantile: float = 1.0
 ) -> torch.Tensor:
     """Clip `values` (B, T) at their batch `quantile` over valid tokens, then min-max normalise to [0, 1].
 
     quantile 1.0 is plain min-max. The clip keeps a few extreme tokens from pressing every other token's
-    normalised value towards 0 (k3 of a single token at log-ratio 12 is ~1.6e5). 0 at padding.
+    normalised value towards 0 (k3 of a single token at log-ratio 12 is ~1.6e5); a quantile equal to the
+    minimum (most tokens tied there) clips nothing. 0 at padding. Raises on a constant input, where min-max
+    has no meaning.
     """
-    upper = masked_quantile(values, response_mask, quantile) if quantile < 1.0 else None
-    return minmax_normalize(values, response_mask, name, upper=upper)
+    mask = response_mask.bool()
+    valid = _valid_values(values, mask, f"normalise {name} over")
+    low, high = torch.aminmax(valid)
+    if quantile < 1.0:
+        upper = _quantile(valid, quantile)
+        if upper > low:
+            high = upper
+    if high <= low:
+        raise ValueError(
+            f"Cannot min-max normalise {name}: all {valid.numel()} valid tokens have the same value "
+            f"{low.item():.6g}, so it ranks no token above another. This happens when teacher and student "
+            "are the same model (divergence 0) or entropy is constant; pick a rule that does not use this score "
+            "(algorithm.tip.rule=random, entropy or all) or check the inputs."
+        )
+    return torch.where(mask, values.float().clamp(max=high).sub_(low).div_(high - low), 0.0)
 
 
 def soft_or_score(normalized_entropy_: torch.Tensor, normalized_divergence: torch.Tensor) -> torch.Tensor:
