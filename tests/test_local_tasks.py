@@ -1,10 +1,18 @@
-"""The embedded world's pieces: task checkers, the tokenizer, and the rollout's padding and EOS masks."""
+"""The embedded world's pieces: task checkers, every task's teacher and student, the tokenizer, and the
+rollout's padding and EOS masks."""
 
 import random
+import re
+from dataclasses import replace
 
+import pytest
 import torch
 
-from tip_verl.local.models import ModelSize, build_model
+from tip_verl.cli import main
+from tip_verl.local.assets import BelowTarget, load_role, max_positions
+from tip_verl.local.evaluate import greedy_accuracy
+from tip_verl.local.models import ModelSize, build_model, save_model
+from tip_verl.local.plans import SftPlan
 from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
 from tip_verl.local.tasks import TASKS, get_task, is_heldout
 from tip_verl.local.tokenizer import CharTokenizer
@@ -39,6 +47,59 @@ def test_every_task_solves_itself_within_its_budget():
             solution = task.solution(problem)
             assert task.check(problem, solution) == 1.0
             assert len(tokenizer.encode(solution)) + 1 <= task.max_new_tokens
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_has_a_teacher_at_its_target_and_a_weaker_warm_started_student(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIP_VERL_CACHE", str(tmp_path))  # the package's own models, never a user's retrain
+    task = get_task(name)
+    problems = task.heldout(128)
+    accuracy, cards = {}, {}
+    for role in ("teacher", "student"):
+        model, cards[role] = load_role(task, role)
+        accuracy[role] = greedy_accuracy(model, task, problems)
+        size, _, _ = task.plan.role(role)
+        assert ModelSize(**cards[role]["size"]) == size, f"{name}'s shipped {role} is not the one its plan makes"
+    assert accuracy["teacher"] >= task.plan.teacher_target, (name, accuracy)
+    assert cards["student"]["sft_accuracy"] >= task.plan.student.stop_at
+    assert 0.0 < accuracy["student"] < accuracy["teacher"], (name, accuracy)
+
+
+def test_easy_problems_of_the_reversed_task_copy_one_operand_and_are_never_held_out():
+    task = get_task("add3_reversed")
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = task.sample(rng, easy=True)
+        assert 0 in (a, b) and not is_heldout((a, b))
+        assert task.solution((a, b)) == ";" + str(max(a, b))[::-1]  # the other operand, reversed
+    with pytest.raises(ValueError, match="easy_share"):
+        replace(task, draw_easy=None).sample(rng, easy=True)
+
+
+def weak_teacher(task):
+    """`task` with a teacher plan that cannot reach its target: 2 steps of a 1 x 16 model."""
+    plan = SftPlan(max_steps=2, lr=1e-3, batch_size=4, eval_every=2, eval_size=16, stop_at=None)
+    return replace(task, plan=replace(task.plan, teacher_size=ModelSize(layers=1, hidden=16, heads=1), teacher=plan))
+
+
+def test_prepare_refuses_a_teacher_below_its_target_and_says_what_to_change(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(TASKS, "add3_reversed", weak_teacher(get_task("add3_reversed")))
+    assert main(["prepare", "--task", "add3_reversed", "--roles", "teacher", "--out", str(tmp_path)]) == 1
+    message = capsys.readouterr().err
+    assert re.search(r"reached \d+\.\d% held-out accuracy after 2 supervised steps, below its target 95\.0%", message)
+    for key in ("TrainPlan.teacher_target", "TrainPlan.teacher.max_steps=2", "TrainPlan.teacher_size=", "TrainPlan.teacher.lr="):
+        assert key in message
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_loading_refuses_a_cached_teacher_below_its_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIP_VERL_CACHE", str(tmp_path))
+    task = get_task("add3_reversed")
+    size = ModelSize(layers=1, hidden=16, heads=1)
+    model = build_model(size, task.tokenizer(), max_positions(task), seed=0)
+    save_model(model, size, tmp_path / task.name / "teacher", {"sft_accuracy": 0.004, "sft_steps": 1000})
+    with pytest.raises(BelowTarget, match=r"saved in .*teacher\.safetensors reached 0\.4% held-out accuracy"):
+        load_role(task, "teacher")
 
 
 def test_heldout_problems_are_fixed_and_never_sampled():

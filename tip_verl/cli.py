@@ -113,12 +113,16 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     import torch
 
-    from tip_verl.local.assets import cache_dir, train_and_save
+    from tip_verl.local.assets import BelowTarget, cache_dir, train_and_save
     from tip_verl.local.tasks import get_task
 
     torch.set_num_threads(args.threads)
     for role in args.roles:
-        path = train_and_save(get_task(args.task), role, args.out or cache_dir())
+        try:
+            path = train_and_save(get_task(args.task), role, args.out or cache_dir())
+        except BelowTarget as refused:
+            print(f"not saved: {refused}", file=sys.stderr)
+            return 1
         print(f"wrote {path}.safetensors")
     return 0
 

@@ -3,46 +3,37 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tip_verl.local.plans import ModelSize
 from tip_verl.local.tokenizer import CharTokenizer
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    layers: int
-    hidden: int
-    heads: int
-
-    def llama_config(self, tokenizer: CharTokenizer, max_positions: int) -> LlamaConfig:
-        return LlamaConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=self.hidden,
-            intermediate_size=4 * self.hidden,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.heads,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_id,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-        )
-
-
-TEACHER_SIZE = ModelSize(layers=3, hidden=96, heads=3)
-STUDENT_SIZE = ModelSize(layers=2, hidden=48, heads=2)
+def llama_config(size: ModelSize, tokenizer: CharTokenizer, max_positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=size.hidden,
+        intermediate_size=4 * size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
 
 
 def build_model(size: ModelSize, tokenizer: CharTokenizer, max_positions: int, seed: int) -> LlamaForCausalLM:
     """A freshly initialised Llama, the same weights for the same seed."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(size.llama_config(tokenizer, max_positions))
+    model = LlamaForCausalLM(llama_config(size, tokenizer, max_positions))
     model.generation_config.pad_token_id = tokenizer.pad_id
     model.generation_config.eos_token_id = tokenizer.eos_id
     return model

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
+from tip_verl.local.plans import DEFAULT_STUDENT_PLAN, DEFAULT_TEACHER_PLAN, TrainPlan
 from tip_verl.local.tokenizer import CharTokenizer
 
 Problem = tuple[int, ...]
@@ -25,6 +26,9 @@ class Task:
     max_new_tokens: generation budget, enough for the longest reference response plus EOS.
     draw: a random problem. prompt / solution: the texts of a problem (solution: the reference response
     the teacher learns, without EOS). answer: the string the checker expects at the end of the response.
+    plan: how the task's teacher and student are trained, and the accuracy each must reach.
+    draw_easy: an easier problem that shows the model where to look (None: the task has none); the plan's
+    `easy_share` of each supervised batch is drawn from it.
     """
 
     name: str
@@ -35,6 +39,8 @@ class Task:
     solution: Callable[[Problem], str]
     answer: Callable[[Problem], str]
     answer_separator: str
+    plan: TrainPlan = TrainPlan()
+    draw_easy: Optional[Callable[[random.Random], Problem]] = None
 
     def check(self, problem: Problem, response: str) -> float:
         """Outcome reward: 1.0 if the text after the last answer separator is the right answer, else 0.0."""
@@ -45,10 +51,13 @@ class Task:
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer(self.alphabet)
 
-    def sample(self, rng: random.Random) -> Problem:
-        """A training problem (never a held-out one)."""
+    def sample(self, rng: random.Random, easy: bool = False) -> Problem:
+        """A training problem (never a held-out one), from `draw_easy` when `easy`."""
+        draw = self.draw_easy if easy else self.draw
+        if draw is None:
+            raise ValueError(f"Task {self.name} has no draw_easy; set its plan's easy_share to 0.")
         while True:
-            problem = self.draw(rng)
+            problem = draw(rng)
             if not is_heldout(problem):
                 return problem
 
@@ -116,8 +125,20 @@ def addition_scratchpad(width: int) -> Task:
 def addition_reversed(width: int) -> Task:
     """`width`-digit addition, the sum written least significant digit first: "482+596=" -> ";8701".
 
-    Short responses (width + 2 tokens with the EOS): fast, and easy for every method.
+    Short responses (width + 2 tokens with the EOS): fast, and easy for every method once the model knows
+    where to look. Trained on uniform problems only, a teacher stays at chance on the first two answer digits:
+    a units digit (a0 + b0) % 10 tells nothing about a0 alone nor b0 alone, so nothing rewards attending to
+    either until the model attends to both; only the last column is found, through its carry out, whose
+    chance grows with each of its digits. So 30% of each supervised batch has one operand 0 ("482+000="
+    -> ";284"), whose answer copies the other one digit by digit, and shows where each column is.
     """
+    teacher = replace(DEFAULT_TEACHER_PLAN, easy_share=0.3)
+    student = replace(DEFAULT_STUDENT_PLAN, easy_share=0.3)
+
+    def one_operand_zero(rng: random.Random) -> Problem:
+        operand = rng.randrange(10**width)
+        return (operand, 0) if rng.random() < 0.5 else (0, operand)
+
     return Task(
         name=f"add{width}_reversed",
         alphabet="0123456789+=;",
@@ -127,6 +148,8 @@ def addition_reversed(width: int) -> Task:
         solution=lambda p: ";" + str(p[0] + p[1])[::-1],
         answer=lambda p: str(p[0] + p[1])[::-1],
         answer_separator=";",
+        plan=TrainPlan(teacher=teacher, student=student),
+        draw_easy=one_operand_zero,
     )
 
 
