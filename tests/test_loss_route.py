@@ -151,7 +151,7 @@ def test_k3_keeps_value_and_gradient_where_verl_clamps_it():
     output, leaf = student_output()
     data = micro_batch({"rule": "divergence", "ratio": 0.5}, teacher=full_sequence(teacher.unsqueeze(-1), 0.0))
     loss, _ = run("tip_k3", None, output=output, data=data)
-    values = [[math.exp(float(log_q[i, t])) - float(log_q[i, t]) - 1.0 for t in range(m)] for i, m in enumerate(RESP_LENS)]
+    values = [[math.expm1(x) - x for x in log_q[i, :m].tolist()] for i, m in enumerate(RESP_LENS)]
     chosen = top_by_value(values, 0.5)
     assert {(0, 2), (0, 1)} <= set(chosen) and (0, 0) not in chosen  # verl's values would pick positions 0 and 1
     assert loss.item() == pytest.approx(sum(values[i][t] for i, t in chosen) / len(chosen), rel=1e-9)
@@ -379,6 +379,7 @@ def preselect_config(adv_estimator="grpo", enabled=True, loss_mode="k3", use_tas
         ({"enabled": False}, "set distillation.enabled=true"),
         ({"loss_mode": "tip_k3"}, "would select twice.*use verl's own loss_mode=k3"),
         ({"use_task_rewards": True}, "set distillation.distillation_loss.use_task_rewards=false"),
+        ({"loss_mode": "forward_kl_topk"}, "drop the sampled token when its rank exceeds .*Set a sampled-token"),
     ],
 )
 def test_preselect_needs_verl_own_distillation_loss_without_task_reward(changes, message):

@@ -41,10 +41,54 @@ def verl_config(trainer_mode="tip_sync", extra=()):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
-@pytest.mark.parametrize("loss_mode, topk", [("k3", False), ("forward_kl_topk", True), ("tip_entropy_aware_topk", True)])
-def test_top_k_teacher_brings_the_ids_that_find_the_sampled_token(loss_mode, topk):
-    config = verl_config(extra=["distillation.enabled=true", f"distillation.distillation_loss.loss_mode={loss_mode}"])
-    assert ({"teacher_ids", "responses"} <= set(tip_input_fields(config))) == topk
+BYPASS = ["algorithm.rollout_correction.bypass_mode=true", "actor_rollout_ref.rollout.calculate_log_probs=true"]
+
+
+def with_override(overrides, key, value):
+    return [o for o in overrides if not o.startswith(f"{key}=")] + [f"{key}={value}"]
+
+
+@pytest.mark.parametrize(
+    "rule, extra, message",
+    [
+        ("soft_or", BYPASS, "rule=soft_or reads the student's entropy.*Set algorithm.rollout_correction.bypass_mode=false"),
+        ("q3", BYPASS, "or a rule that does not read entropy: algorithm.tip.rule=divergence"),
+        (
+            "divergence",
+            ["distillation.enabled=true", "distillation.distillation_loss.loss_mode=forward_kl_topk"],
+            "adv_estimator=tip_opd selects tokens .* top-k only: .* drop the sampled token when its rank exceeds",
+        ),
+        (
+            "divergence",
+            with_override(PRESELECT, "distillation.distillation_loss.loss_mode", "forward_kl_topk"),
+            "preselect=true selects tokens .*Set a sampled-token loss_mode .*algorithm.tip.preselect=false",
+        ),
+        (
+            "divergence",
+            ["actor_rollout_ref.rollout.temperature=0.7"],
+            "teacher scores at temperature 1 .*rollout.temperature=0.7.*Set actor_rollout_ref.rollout.temperature=1.0",
+        ),
+    ],
+)
+def test_start_up_refuses_what_step_1_would_fail_on(rule, extra, message, monkeypatch):
+    monkeypatch.setitem(TIP, "rule", rule)
+    with pytest.raises(ValueError, match=message):
+        TipSyncTrainer(verl_config(extra=extra))
+
+
+@pytest.mark.parametrize(
+    "rule, extra, reads_entropy",
+    [
+        ("soft_or", [], True),
+        ("divergence", BYPASS, False),  # bypass mode computes no entropy: rules without it still run
+        ("soft_or", [*PRESELECT, "actor_rollout_ref.rollout.temperature=0.7"], True),  # verl's own loss: its choice
+    ],
+)
+def test_valid_configs_start_and_ask_for_entropy_only_where_verl_computes_it(rule, extra, reads_entropy, monkeypatch):
+    monkeypatch.setitem(TIP, "rule", rule)
+    config = verl_config(extra=extra)
+    TipSyncTrainer(config)
+    assert ("entropy" in tip_input_fields(config)) == reads_entropy
 
 
 def test_registered_name_resolves_to_our_class():
@@ -158,6 +202,37 @@ def test_advantage_step_reads_entropy_old_and_teacher_response_part(transfer_que
     assert {"tip/quadrant/q3_share", "tip/teacher_reward/selected_mean"} <= set(metrics)
 
 
+def test_bypass_mode_step_runs_without_entropy(transfer_queue):
+    """Under rollout-correction bypass mode verl writes no entropy; rule=divergence runs without it."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = transfer_queue
+    samples, response_teacher = make_samples(torch.Generator().manual_seed(2))
+    for sample in samples:
+        del sample["entropy"]
+    keys = [f"bypass_prompt{i // 2}_{i}_0" for i in range(len(samples))]
+    batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
+
+    trainer = TipSyncTrainer(verl_config(extra=BYPASS))
+    trainer.global_steps = 3
+    metrics = {}
+    trainer._compute_advantage(batch, metrics)
+    stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages"])
+    width = max(r for _, r, _ in ROLLOUTS)
+    direct, _ = get_adv_estimator_fn("tip_opd")(
+        token_level_rewards=pad([s["rm_scores"] for s in samples], width),
+        response_mask=pad([s["response_mask"] for s in samples], width),
+        index=np.array([s["uid"] for s in samples], dtype=object),
+        config={"tip": TIP},
+        old_log_probs=pad([s["old_log_probs"] for s in samples], width),
+        teacher_logprobs=pad(response_teacher, width),
+        entropy=None,
+    )
+    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), direct)
+    assert metrics["tip/selected_fraction"] == pytest.approx(5 / 10)
+    assert not any(key.startswith("tip/quadrant/") for key in metrics)  # quadrants need entropy
+
+
 def test_ray_worker_sees_our_names_after_a_plain_import_verl(transfer_queue):
     import ray
 
@@ -237,12 +312,12 @@ def test_actor_update_reads_only_selected_tokens(transfer_queue, mode, update_fa
 
     seen = trainer.actor_rollout_wg.seen
     full = pad([s["response_mask"] for s in samples], 4)
-    after = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["response_mask", "loss_mask"])
-    for name in ("response_mask", "loss_mask"):
-        torch.testing.assert_close(after[name].to_padded_tensor(0), full)  # put back after the update
+    after = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["response_mask"])
+    torch.testing.assert_close(after["response_mask"].to_padded_tensor(0), full)  # put back for verl's metrics
     seen_mask = seen["response_mask"].to_padded_tensor(0)
     torch.testing.assert_close(seen["loss_mask"].to_padded_tensor(0), seen_mask)
     if mode in ("teacher_only", "preselect"):
+        assert seen["response_mask"].dtype == seen["loss_mask"].dtype == torch.int64  # TransferQueue pins dtypes
         expected = selected_by_the_estimator(samples)
         assert expected.sum() == 5  # budgets 2, 1, 1, 1
         torch.testing.assert_close(seen_mask, expected)
@@ -251,19 +326,3 @@ def test_actor_update_reads_only_selected_tokens(transfer_queue, mode, update_fa
     else:
         torch.testing.assert_close(seen_mask, full)
         assert "tip_selected" not in seen.keys()  # the patched engine would require response_mask within it
-
-
-def test_sampled_token_teacher_logprob_is_looked_up_in_the_top_k():
-    from tip_verl.verl_ext.trainer import sampled_token_teacher_logprobs
-
-    def nested(rows):
-        return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
-
-    # one rollout, prompt of 2 tokens, response [5, 7]; position j holds the teacher's top-2 for token j + 1
-    ids = torch.tensor([[0, 0], [5, 3], [2, 7], [0, 0]])
-    logprobs = torch.tensor([[-9.0, -9.0], [-0.1, -2.5], [-0.4, -1.2], [-9.0, -9.0]])
-    responses, mask = nested([torch.tensor([5, 7])]), nested([torch.ones(2, dtype=torch.long)])
-    got = sampled_token_teacher_logprobs(nested([logprobs]), mask, nested([ids]), responses)
-    torch.testing.assert_close(got, torch.tensor([[-0.1, -1.2]]))
-    with pytest.raises(ValueError, match="outside the teacher's top-2"):
-        sampled_token_teacher_logprobs(nested([logprobs]), mask, nested([ids]), nested([torch.tensor([5, 4])]))

@@ -27,6 +27,7 @@ from tensordict import TensorDict
 from verl.trainer.distillation import losses as verl_losses
 from verl.trainer.distillation.losses import (
     DistillationLossSettings,
+    get_distillation_loss_settings,
     register_distillation_loss,
 )
 from verl.trainer.ppo.core_algos import kl_penalty
@@ -100,6 +101,21 @@ def _check_preselect(adv_estimator: Optional[str], distillation: Any, loss_mode:
         raise ValueError(
             "algorithm.tip.preselect=true trains only the selected tokens, which would cut the task-reward loss too: "
             "set distillation.distillation_loss.use_task_rewards=false (pure on-policy distillation)."
+        )
+    check_sampled_token_teacher("algorithm.tip.preselect=true", loss_mode)
+
+
+def check_sampled_token_teacher(selecting: str, loss_mode: str) -> None:
+    """Raise if the teacher of `loss_mode` returns a top-k, where the trainer's selection (`selecting`) needs the
+    sampled token's teacher log-prob."""
+    if get_distillation_loss_settings(loss_mode).use_topk:
+        raise ValueError(
+            f"{selecting} selects tokens in the trainer from the sampled token's teacher log-prob, but "
+            f"distillation.distillation_loss.loss_mode={loss_mode} makes the teacher return its top-k only: verl's "
+            "vLLM and SGLang teachers drop the sampled token when its rank exceeds distillation.distillation_loss."
+            "topk, so step 1 would miss it. Set a sampled-token loss_mode (k3, low_var_kl, k2, ...); for top-k "
+            "distillation select inside the loss instead: algorithm.adv_estimator=grpo with "
+            "loss_mode=tip_forward_kl_topk and algorithm.tip.preselect=false."
         )
 
 

@@ -11,8 +11,13 @@ itself (from the same rollout-time scores) for verl's own estimator and distilla
 alone, `response_mask` and `loss_mask` are ANDed with the selection (the policy loss, the entropy bonus and
 the KL loss then aggregate over the selected tokens; with loss_agg_mode=token-mean that is the paper's 1/|T|),
 and the selection is sent as the `tip_selected` field, which the pinned
-`patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other tokens. The full masks
-are put back after the update, for verl's metrics and the next stages.
+`patches/verl-0.9.1-tip-selected-logprobs.patch` uses to skip the LM head at the other tokens. The full
+`response_mask` is put back after the update for verl's metrics (nothing after the update reads `loss_mask`, and
+verl clears the step's keys at the end of the step).
+
+Where the trainer selects (tip_opd, preselect), what would fail or be wrong at step 1 is refused at start-up
+(`check_trainer_selection`): an entropy rule under rollout-correction bypass mode, a top-k teacher, and on the
+advantage route a rollout temperature other than the teacher's 1.
 
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
@@ -28,16 +33,16 @@ from typing import Optional
 import torch
 import transfer_queue as tq
 from tensordict import TensorDict
-from verl.trainer.distillation.losses import get_distillation_loss_settings
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
+from tip_verl.core.distill_losses import ENTROPY_RULES
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.verl_ext.estimator import TIP_OPD
-from tip_verl.verl_ext.losses import check_loss_route, loss_route_settings
+from tip_verl.verl_ext.losses import check_loss_route, check_sampled_token_teacher, loss_route_settings
 from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
 from tip_verl.verl_ext.step_context import TipStep, tip_step
@@ -47,44 +52,65 @@ logger = logging.getLogger(__name__)
 TIP_TRAINER_MODE = "tip_sync"
 TIP_SELECTED = "tip_selected"
 LOSS_MASKS = ("response_mask", "loss_mask")
+RESTORED_MASK = "response_mask"
 
 
-def sampled_token_teacher_logprobs(
-    teacher_logprobs: torch.Tensor, response_mask: torch.Tensor, teacher_ids=None, responses=None
-) -> torch.Tensor:
+def sampled_token_teacher_logprobs(teacher_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Teacher log-prob of each sampled response token, padded (bs, response_length).
 
-    teacher_logprobs: nested (bs, prompt_len + response_len, K), verl's teacher layout (position j holds
-    the log-prob of token j + 1). With K == 1 that is the sampled token; with top-k (K > 1) the sampled
-    token is looked up in `teacher_ids` (same layout) against `responses` (nested (bs, response_len)).
-    response_mask: nested (bs, response_len).
+    teacher_logprobs: nested (bs, prompt_len + response_len, 1), verl's teacher layout for a sampled-token loss
+    (position j holds the log-prob of token j + 1); response_mask: nested (bs, response_len).
     """
     response_part = response_from_nested(teacher_logprobs, response_mask).to_padded_tensor(0.0)
-    if response_part.dim() == 2 or response_part.shape[-1] == 1:
-        return response_part.reshape(response_part.shape[0], -1)
-    if teacher_ids is None or responses is None:
-        raise ValueError("Top-k teacher log-probs need teacher_ids and responses to find the sampled token.")
-    ids = response_from_nested(teacher_ids, response_mask).to_padded_tensor(-1)
-    tokens = responses.to_padded_tensor(-1).unsqueeze(-1)
-    found = ids == tokens
-    mask = response_mask.to_padded_tensor(0).bool()
-    missing = mask & ~found.any(dim=-1)
-    if missing.any():
-        raise ValueError(
-            f"{int(missing.sum())} sampled response tokens are outside the teacher's top-{ids.shape[-1]}, so "
-            "their teacher log-prob is unknown. TIP's selection in the trainer (tip_opd, preselect) needs the sampled "
-            "token's log-prob: use an estimator distillation loss (distillation.distillation_loss.loss_mode=k3)."
-        )
-    return (response_part * found).sum(dim=-1)
+    return response_part.reshape(response_part.shape[0], -1)
+
+
+def padded_bool(mask: torch.Tensor) -> torch.Tensor:
+    """A nested (bs, response_len) 0/1 mask as a padded bool (bs, response_length), with no int64 copy."""
+    offsets = mask.offsets()
+    bools = torch.nested.nested_tensor_from_jagged(mask.values().bool(), offsets, max_seqlen=int(offsets.diff().max()))
+    return bools.to_padded_tensor(False)
+
+
+def bypass_mode(config) -> bool:
+    """algorithm.rollout_correction.bypass_mode: verl reuses the rollout's log-probs as old_log_probs and skips
+    the old-log-prob forward, which is what computes `entropy` (trainer_base._compute_old_log_prob)."""
+    correction = config.algorithm.get("rollout_correction")
+    return bool(correction and correction.get("bypass_mode", False))
 
 
 def tip_input_fields(config) -> list[str]:
-    """The TransferQueue fields TIP's selection reads; with a top-k teacher, also what finds the sampled token."""
-    fields = ["response_mask", "old_log_probs", "entropy", "teacher_logprobs"]
-    loss_mode = config.distillation.distillation_loss.loss_mode
-    if config.distillation.enabled and get_distillation_loss_settings(loss_mode).use_topk:
-        fields += ["teacher_ids", "responses"]
-    return fields
+    """The TransferQueue fields the trainer's selection reads. `entropy`, for the rules that read it and the
+    quadrant metrics, whenever verl computed it (not under bypass mode, where those rules are refused)."""
+    fields = ["response_mask", "old_log_probs", "teacher_logprobs"]
+    return fields if bypass_mode(config) else fields + ["entropy"]
+
+
+def check_trainer_selection(config) -> None:
+    """Refuse at start-up what the trainer's own selection (adv_estimator=tip_opd or algorithm.tip.preselect=true)
+    would fail on, or get wrong, at step 1."""
+    tip = TipConfig.from_any(config.algorithm)
+    advantage_route = config.algorithm.adv_estimator == TIP_OPD
+    if not (advantage_route or tip.preselect):
+        return
+    selecting = "algorithm.adv_estimator=tip_opd" if advantage_route else "algorithm.tip.preselect=true"
+    if tip.rule in ENTROPY_RULES and bypass_mode(config):
+        raise ValueError(
+            f"algorithm.tip.rule={tip.rule} reads the student's entropy, which verl does not compute under "
+            "algorithm.rollout_correction.bypass_mode=true (it reuses the rollout's log-probs and skips the "
+            "old-log-prob forward). Set algorithm.rollout_correction.bypass_mode=false, or a rule that does not "
+            "read entropy: algorithm.tip.rule=divergence, random or all."
+        )
+    if config.distillation.enabled:
+        check_sampled_token_teacher(selecting, config.distillation.distillation_loss.loss_mode)
+    temperature = config.actor_rollout_ref.rollout.temperature
+    if advantage_route and temperature != 1.0:
+        raise ValueError(
+            f"{selecting} rewards log pT(y_t) - log pS_old(y_t), but verl's teacher scores at temperature 1 "
+            f"(teacher_manager forces it) while the old log-probs are at actor_rollout_ref.rollout.temperature="
+            f"{temperature}: the reward would measure the temperature, not the teacher. Set "
+            "actor_rollout_ref.rollout.temperature=1.0."
+        )
 
 
 def updates_selected_only(config) -> bool:
@@ -94,13 +120,27 @@ def updates_selected_only(config) -> bool:
 
 
 def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
-    """Each nested (bs, response_len) mask in `masks` ANDed with the nested bool `selected` (same layout)."""
+    """Each nested (bs, response_len) mask in `masks` ANDed with the nested bool `selected` (same layout).
+
+    Each keeps its dtype (verl's int64): TransferQueue fixes a field's dtype at its first put, and a put with
+    another dtype fails in its controller, which logs the error and drops the put's later fields.
+    """
     restricted = {}
     for name, mask in masks.items():
         if not torch.equal(mask.offsets(), selected.offsets()):
             raise ValueError(f"{name} is not aligned to the response tokens like response_mask; cannot restrict it.")
         restricted[name] = torch.nested.nested_tensor_from_jagged(mask.values() * selected.values(), mask.offsets())
     return TensorDict(restricted, batch_size=masks.batch_size)
+
+
+def padded_tip_inputs(data: TensorDict) -> dict[str, Optional[torch.Tensor]]:
+    """The per-token inputs of TIP's selection, padded (bs, response_length), from the nested fields of
+    tip_input_fields: old_log_probs, the sampled token's teacher_logprobs, and entropy (None if not fetched)."""
+    return {
+        "old_log_probs": data["old_log_probs"].to_padded_tensor(0.0),
+        "teacher_logprobs": sampled_token_teacher_logprobs(data["teacher_logprobs"], data["response_mask"]),
+        "entropy": data["entropy"].to_padded_tensor(0.0) if "entropy" in data.keys() else None,
+    }
 
 
 @register_trainer(TIP_TRAINER_MODE)
@@ -111,6 +151,7 @@ class TipSyncTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
+        check_trainer_selection(config)
         self.updates_selected_only = updates_selected_only(config)
         self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
         advice = selected_lm_head_advice(config) if self.updates_selected_only else None
@@ -134,28 +175,21 @@ class TipSyncTrainer(PPOTrainerSync):
             return super()._compute_advantage(batch, metrics)
         fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        step = TipStep(
-            step=self.global_steps - 1,
-            old_log_probs=data["old_log_probs"].to_padded_tensor(0.0),
-            entropy=data["entropy"].to_padded_tensor(0.0),
-            teacher_logprobs=sampled_token_teacher_logprobs(
-                data["teacher_logprobs"], data["response_mask"], data.get("teacher_ids"), data.get("responses")
-            ),
-        )
+        step = TipStep(step=self.global_steps - 1, **padded_tip_inputs(data))
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
-        response_mask = data["response_mask"]
+        response_mask = padded_bool(data["response_mask"])
         if not estimator_selects:  # preselect: verl's own estimator and loss, TIP's choice of tokens
             step.tokens = select_and_reward(
                 tip,
-                response_mask.to_padded_tensor(0),
+                response_mask,
                 old_log_probs=step.old_log_probs,
                 teacher_logprobs=step.teacher_logprobs,
                 entropy=step.entropy,
                 generator=selection_generator(tip.seed, step.step),
             )
-        metrics.update(tip_metrics(step.tokens, response_mask.to_padded_tensor(0)))
-        self._selected = response_to_nested(step.tokens.selected, response_mask)
+        metrics.update(tip_metrics(step.tokens, response_mask))
+        self._selected = response_to_nested(step.tokens.selected, data["response_mask"])
         return batch
 
     def _update_actor(self, batch, metrics: dict):
@@ -171,6 +205,6 @@ class TipSyncTrainer(PPOTrainerSync):
         update_batch.extra_info.update(batch.extra_info)
         try:
             super()._update_actor(update_batch, metrics)
-        finally:
-            tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=full_masks)
+        finally:  # after the update verl reads response_mask (metrics), never loss_mask: only one goes back
+            tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=full_masks.select(RESTORED_MASK))
         return batch  # later stages get the metadata without tip_selected
