@@ -91,15 +91,23 @@ def select_and_reward(
     teacher_logprobs: torch.Tensor,
     entropy: Optional[torch.Tensor],
     generator: Optional[torch.Generator] = None,
+    divergence: Optional[torch.Tensor] = None,
 ) -> TipTokens:
     """Score every response token, select with `config.rule` at `config.ratio`, and compute the teacher reward.
 
     response_mask, old_log_probs (student log pS_old(y_t)), teacher_logprobs (log pT(y_t)), entropy (nats):
     all (B, T). entropy may be None only for rules that do not read it (all, random, divergence).
+    divergence: (B, T) the divergence axis when it is known exactly (KL(pS || pT) over the vocabulary, where
+    both full distributions are at hand); None estimates it from the sampled token (`config.divergence`).
     """
     optional = {"entropy": entropy} if entropy is not None else {}
+    if divergence is not None:
+        optional["divergence"] = divergence
     check_tip_inputs(response_mask, old_log_probs=old_log_probs, teacher_logprobs=teacher_logprobs, **optional)
-    divergence = divergence_estimate(teacher_logprobs, old_log_probs, response_mask, config.divergence)
+    if divergence is None:
+        divergence = divergence_estimate(teacher_logprobs, old_log_probs, response_mask, config.divergence)
+    else:
+        divergence = divergence.float().masked_fill(~response_mask.bool(), 0.0)
     inputs = SelectionInputs(
         response_mask=response_mask,
         entropy=entropy,

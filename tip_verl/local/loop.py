@@ -3,13 +3,20 @@
 One step, top to bottom (N = prompts_per_step x group_size rollouts, T response positions):
   1. draw prompts; sample `group_size` responses each with HF generate (KV cache, batched)
   2. outcome reward from the task's checker, on each response's last token          (N, T)
-  3. teacher log-probs of the student's tokens; student log-probs (with grad), entropy (N, T)
-  4. advantages through verl's registry: `grpo`, or `tip_opd` (TIP selection + hybrid advantage)
-  5. verl's `vanilla` policy loss (clipped PPO, aggregated by `agg_loss`) and one AdamW step
+  3. teacher and student hidden states; student log-probs and entropy, teacher log-probs of the
+     student's tokens, and the exact per-position KL(pS || pT) over the vocabulary    (N, T)
+  4. route `advantage` (verl's `tip_opd`): TIP selection and the hybrid advantage through verl's registry,
+     then verl's `vanilla` policy loss (clipped PPO, aggregated by `agg_loss`).
+     route `loss` (the paper's): TIP selection ranked on the exact KL, and the full-vocabulary divergence
+     (`loss`: reverse_kl, forward_kl, jsd) backpropagated at the selected tokens only; with mix replace / add,
+     verl's policy loss with the GRPO advantage on the other (replace) or all (add) tokens too.
+     `adv_estimator=grpo`: the outcome advantage and the policy loss only.
+  5. one AdamW step (linear warm-up over `warmup_steps`, then constant)
   6. every `eval_every` steps a greedy evaluation on held-out problems; one JSON line per step;
      a checkpoint every `checkpoint_every` steps and on Ctrl-C
 
-The loop is a driver: token selection and advantages come only from the estimator, the loss only from verl.
+Every distribution (student, teacher, sampling) is at `temperature`. The loop is a driver: token selection
+comes from tip_verl.core, advantages from verl's estimator registry, the policy loss from verl.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 from verl.workers.config.actor import ActorConfig
 
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
-from tip_verl.core.advantages import TipTokens
+from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.core.scores import divergence_estimate
+from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES, exact_token_kl, selected_token_divergence
 from tip_verl.local.checkpoint import (
     CHECKPOINT,
     METRICS,
@@ -51,17 +59,31 @@ from tip_verl.local.rollout import (
 )
 from tip_verl.local.tasks import DEFAULT_TASK, Task, get_task
 from tip_verl.local.timing import PhaseTimer
+from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
 ADV_ESTIMATORS = ("grpo", "tip_opd")
+ROUTES = ("advantage", "loss")
+RANK_BY = ("exact_kl", "sampled")
 
 
 @dataclass
 class LoopConfig:
-    """Settings of one run. `tip` has the keys of verl's `algorithm.tip` and is read only by `tip_opd`."""
+    """Settings of one run. `tip` has the keys of verl's `algorithm.tip`.
+
+    route: `advantage` (teacher reward r_t as a per-token advantage, verl's tip_opd) or `loss` (the paper's:
+        the full-vocabulary divergence `loss` backpropagated at the selected tokens).
+    rank_by: on the loss route, the divergence axis of the rules: `exact_kl` (KL(pS || pT) over the vocabulary,
+        the paper's d_t) or `sampled` (the sampled-token estimate `tip.divergence`, what verl's teacher allows).
+        The advantage route always ranks on the sampled-token estimate, as tip_opd does in verl.
+    warmup_steps: the learning rate rises linearly to `lr` over these steps, then stays.
+    """
 
     task: str = DEFAULT_TASK
     adv_estimator: str = "tip_opd"
+    route: str = "advantage"
+    loss: str = "reverse_kl"
+    rank_by: str = "exact_kl"
     tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
     norm_adv_by_std_in_grpo: bool = True
     steps: int = 400
@@ -69,6 +91,7 @@ class LoopConfig:
     group_size: int = 8
     temperature: float = 1.0
     lr: float = 1e-4
+    warmup_steps: int = 20
     grad_clip: float = 1.0
     clip_ratio: float = 0.2
     loss_agg_mode: str = "token-mean"
@@ -83,8 +106,16 @@ class LoopConfig:
     def __post_init__(self):
         if isinstance(self.tip, dict):
             self.tip = TipConfig.from_any(self.tip)
-        if self.adv_estimator not in ADV_ESTIMATORS:
-            raise ValueError(f"adv_estimator={self.adv_estimator!r}; choose one of {list(ADV_ESTIMATORS)}.")
+        for name, value, choices in (
+            ("adv_estimator", self.adv_estimator, ADV_ESTIMATORS),
+            ("route", self.route, ROUTES),
+            ("loss", self.loss, DIVERGENCE_LOSS_NAMES),
+            ("rank_by", self.rank_by, RANK_BY),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}; choose one of {list(choices)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,7 +144,18 @@ def outcome_rewards(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.
     return rewards
 
 
-def compute_advantages(
+def grpo_advantages(config: LoopConfig, rewards: torch.Tensor, response_mask: torch.Tensor, uids: np.ndarray):
+    """verl's GRPO outcome advantage (N, T) from the registry."""
+    advantages, _ = get_adv_estimator_fn("grpo")(
+        token_level_rewards=rewards,
+        response_mask=response_mask,
+        index=uids,
+        norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo,
+    )
+    return advantages
+
+
+def tip_opd_advantages(
     config: LoopConfig,
     rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -122,22 +164,13 @@ def compute_advantages(
     teacher_logprobs: torch.Tensor,
     entropy: torch.Tensor,
     step: int,
-) -> tuple[torch.Tensor, Optional[TipTokens]]:
-    """Advantages (N, T) from verl's registry, and what TIP selected (None for grpo). Inputs (N, T).
+) -> tuple[torch.Tensor, TipTokens]:
+    """verl's `tip_opd` advantages (N, T) and what TIP selected. Inputs (N, T).
 
     step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
     """
-    estimator = get_adv_estimator_fn(config.adv_estimator)
-    if config.adv_estimator == "grpo":
-        advantages, _ = estimator(
-            token_level_rewards=rewards,
-            response_mask=response_mask,
-            index=uids,
-            norm_adv_by_std_in_grpo=config.norm_adv_by_std_in_grpo,
-        )
-        return advantages, None
     with tip_step(TipStep(step=step - 1)) as bound:
-        advantages, _ = estimator(
+        advantages, _ = get_adv_estimator_fn("tip_opd")(
             token_level_rewards=rewards,
             response_mask=response_mask,
             index=uids,
@@ -149,23 +182,42 @@ def compute_advantages(
     return advantages, bound.tokens
 
 
-def loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens]) -> torch.Tensor:
-    """The tokens the loss averages over. (N, T).
+def loss_route_tokens(
+    config: LoopConfig,
+    response_mask: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    exact_kl: torch.Tensor,
+    step: int,
+) -> TipTokens:
+    """TIP's selection on the loss route, ranked on the exact KL (N, T) or on the sampled-token estimate."""
+    return select_and_reward(
+        config.tip,
+        response_mask,
+        old_log_probs=old_log_probs,
+        teacher_logprobs=teacher_logprobs,
+        entropy=entropy,
+        generator=selection_generator(config.tip.seed, step - 1),
+        divergence=exact_kl if config.rank_by == "exact_kl" else None,
+    )
 
-    With mix=teacher_only the unselected tokens carry no signal (advantage 0): they are left out of the loss,
-    as TIP drops them, so the token mean is over the selected tokens and the step size does not shrink with
-    the ratio. Otherwise every response token carries a signal (teacher or outcome) and is kept.
+
+def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens]) -> torch.Tensor:
+    """The tokens verl's policy loss averages over. (N, T).
+
+    grpo, and mix=add: every response token. Advantage route: with mix=teacher_only the unselected tokens carry
+    no signal (advantage 0) and are left out, as TIP drops them, so the token mean is over the selected tokens
+    and the step size does not shrink with the ratio; with replace every token carries a signal.
+    Loss route: the selected tokens get the divergence instead, so the policy loss covers the others (replace)
+    or none (teacher_only).
     """
-    if tokens is not None and config.tip.mix == "teacher_only":
-        return response_mask * tokens.selected
-    return response_mask
-
-
-@torch.no_grad()
-def teacher_token_logprobs(teacher: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """log pT(y_t) of the student's sampled tokens, 0 at padding. (N, T)."""
-    logp = token_logprobs(response_logits(teacher, rollout), rollout.responses)
-    return logp.masked_fill(rollout.response_mask == 0, 0.0)
+    if tokens is None or config.tip.mix == "add":
+        return response_mask
+    selected = response_mask * tokens.selected
+    if config.route == "advantage":
+        return selected if config.tip.mix == "teacher_only" else response_mask
+    return response_mask - selected if config.tip.mix == "replace" else torch.zeros_like(response_mask)
 
 
 def train_step(
@@ -181,11 +233,12 @@ def train_step(
     """One on-policy step (`step`, 1-based). Returns its metrics and the per-token tensors of the batch."""
     timer, tokenizer = PhaseTimer(), task.tokenizer()
     problems = [task.sample(problem_rng) for _ in range(config.prompts_per_step)]
+    temperature = config.temperature
 
     with timer("rollout"):
         rollout = sample(
             student, tokenizer, [task.prompt(p) for p in problems], task.max_new_tokens,
-            group_size=config.group_size, temperature=config.temperature,
+            group_size=config.group_size, temperature=temperature,
         )
     mask = rollout.response_mask
     with timer("reward"):
@@ -195,34 +248,60 @@ def train_step(
         rewards = outcome_rewards(scores, mask)
         uids = np.repeat(np.arange(len(problems)), config.group_size)
 
-    with timer("teacher"):
-        teacher_logp = teacher_token_logprobs(teacher, rollout)
+    with timer("teacher"), torch.no_grad():
+        teacher_hidden = response_hidden(teacher, rollout)
+        teacher_logp, _ = head_logprobs_and_entropy(teacher, teacher_hidden, rollout, temperature)
 
     with saved_activations(student) as memory:
         with timer("student_forward"):
             # one forward serves both: one update per batch, so the old policy is the current one
             hidden = response_hidden(student, rollout)
-            old_log_prob, entropy = head_logprobs_and_entropy(student, hidden.detach(), rollout)
+            old_log_prob, entropy = head_logprobs_and_entropy(student, hidden.detach(), rollout, temperature)
+            exact_kl, _ = exact_token_kl(
+                hidden.detach(), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask.bool(),
+                chunk_size=config.logits_chunk_size, temperature=temperature,
+            )
         with timer("advantage"):
-            advantages, tokens = compute_advantages(
-                config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step
-            )
-        trained = loss_mask(config, mask, tokens)
+            tokens = None
+            if config.adv_estimator == "grpo":
+                advantages = grpo_advantages(config, rewards, mask, uids)
+            elif config.route == "advantage":
+                advantages, tokens = tip_opd_advantages(
+                    config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step
+                )
+            else:
+                tokens = loss_route_tokens(config, mask, old_log_prob, teacher_logp, entropy, exact_kl, step)
+                advantages = grpo_advantages(config, rewards, mask, uids)
+        trained = policy_loss_mask(config, mask, tokens)
         with timer("loss"):
-            # the graph holds full-vocabulary buffers only for the trained tokens (all of them but with teacher_only)
-            log_prob = selected_logprobs(student, hidden, rollout, trained, config.logits_chunk_size)
-            pg_loss, pg_metrics = get_policy_loss_fn("vanilla")(
-                old_log_prob=old_log_prob,
-                log_prob=log_prob,
-                advantages=advantages,
-                response_mask=trained,
-                loss_agg_mode=config.loss_agg_mode,
-                config=actor,
-            )
+            # the graph holds full-vocabulary buffers only for the trained tokens
+            loss = torch.zeros(())
+            if trained.any():
+                log_prob = selected_logprobs(student, hidden, rollout, trained, config.logits_chunk_size, temperature)
+                loss, pg_metrics = get_policy_loss_fn("vanilla")(
+                    old_log_prob=old_log_prob,
+                    log_prob=log_prob,
+                    advantages=advantages,
+                    response_mask=trained,
+                    loss_agg_mode=config.loss_agg_mode,
+                    config=actor,
+                )
+            else:
+                pg_metrics = {}
+            distilled = torch.zeros_like(mask)
+            if tokens is not None and config.route == "loss":
+                distilled = mask * tokens.selected
+                divergence = selected_token_divergence(
+                    hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, distilled.bool(),
+                    loss=config.loss, chunk_size=config.logits_chunk_size, temperature=temperature,
+                )
+                loss = loss + config.tip.coef * divergence.sum() / divergence.numel()
 
     with timer("update"):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
-        pg_loss.backward()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
         optimizer.step()
 
@@ -232,17 +311,20 @@ def train_step(
         "reward/mean": scores.mean().item(),
         "response_length/mean": mask.sum(dim=1).float().mean().item(),
         "kl/teacher": (k1.sum() / n_valid).item(),
+        "kl/teacher_exact": ((exact_kl * mask).sum() / n_valid).item(),
         "entropy/mean": ((entropy * mask).sum() / n_valid).item(),
-        "tokens/trained_fraction": (trained.sum() / n_valid).item(),
-        "tokens/nonzero_advantage_fraction": (((advantages != 0) & (mask > 0)).sum() / n_valid).item(),
-        "actor/pg_loss": pg_loss.item(),
+        "tokens/trained_fraction": (((trained + distilled) > 0).sum() / n_valid).item(),
+        "tokens/nonzero_advantage_fraction": (((advantages != 0) & (trained > 0)).sum() / n_valid).item(),
+        "actor/loss": loss.item(),
         "actor/grad_norm": grad_norm.item(),
+        "actor/lr": optimizer.param_groups[0]["lr"],
         **pg_metrics,
         "mem/saved_activations_mb": memory["bytes"] / 2**20,
         **timer.metrics(),
         "time/step": round(sum(timer.seconds.values()), 4),
     }
-    batch = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp, "log_probs": old_log_prob}
+    batch = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp, "log_probs": old_log_prob,
+             "exact_kl": exact_kl}
     if tokens is not None:
         metrics.update(tip_metrics(tokens, mask))
         batch.update(selected=tokens.selected, divergence=tokens.divergence, quadrant=tokens.quadrant)

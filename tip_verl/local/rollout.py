@@ -95,16 +95,24 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
 
 
 def selected_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, rollout: Rollout, selected: torch.Tensor, chunk_size: int
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    rollout: Rollout,
+    selected: torch.Tensor,
+    chunk_size: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Log-probs (N, T) of the sampled tokens at `selected` (N, T) positions, with grad; 0 elsewhere.
+    """Log-probs (N, T) of the sampled tokens at `selected` (N, T) positions under softmax(logits / temperature),
+    with grad; 0 elsewhere.
 
     hidden: (N, T, H) from `response_hidden`. The LM head and log-softmax run only at the selected positions,
     `chunk_size` tokens at a time, so no full-vocabulary buffer (nor its backward) is built for the tokens TIP
     drops.
     """
     selected = selected.bool()
-    logp, _ = selected_token_logprobs(hidden, model.lm_head.weight, selected, rollout.responses, chunk_size=chunk_size)
+    logp, _ = selected_token_logprobs(
+        hidden, model.lm_head.weight, selected, rollout.responses, chunk_size=chunk_size, temperature=temperature
+    )
     return scatter_selected(logp, selected)
 
 
@@ -121,10 +129,11 @@ def logprobs_and_entropy(model: torch.nn.Module, rollout: Rollout) -> tuple[torc
 
 @torch.no_grad()
 def head_logprobs_and_entropy(
-    model: torch.nn.Module, hidden: torch.Tensor, rollout: Rollout
+    model: torch.nn.Module, hidden: torch.Tensor, rollout: Rollout, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `logprobs_and_entropy`, without grad, from response hidden states (N, T, H) already computed."""
-    return _logprobs_and_entropy(model.lm_head(hidden).float(), rollout)
+    """As `logprobs_and_entropy`, without grad, from response hidden states (N, T, H) already computed, under
+    softmax(logits / temperature), the distribution the rollout was sampled from."""
+    return _logprobs_and_entropy(model.lm_head(hidden).float() / temperature, rollout)
 
 
 def _logprobs_and_entropy(logits: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
