@@ -30,7 +30,8 @@ Teacher and student come from the package's shipped checkpoints, or from the use
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from tip_verl.local.loop import ADV_ESTIMATORS, LoopConfig
+    from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES
+    from tip_verl.local.loop import ADV_ESTIMATORS, RANK_BY, ROUTES, LoopConfig
     from tip_verl.local.tasks import TASKS
 
     defaults = LoopConfig()
@@ -46,6 +47,20 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--group-size", type=int, default=defaults.group_size, help="rollouts per prompt (default: %(default)s)")
     run.add_argument("--eval-every", type=int, default=defaults.eval_every, help="(default: %(default)s)")
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default: %(default)s)")
+    run.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                     help="linear learning-rate warm-up (default: %(default)s)")
+    run.add_argument("--temperature", type=float, default=defaults.temperature,
+                     help="sampling temperature; student and teacher distributions use it too (default: %(default)s)")
+    route = parser.add_argument_group("route of the teacher signal")
+    route.add_argument("--route", default=defaults.route, choices=ROUTES,
+                       help="advantage: r_t = log pT - log pS as a per-token advantage in verl's policy loss (tip_opd, "
+                       "what verl runs with a sampled-token teacher); loss: the paper's full-vocabulary divergence "
+                       "backpropagated at the selected tokens (default: %(default)s)")
+    route.add_argument("--loss", default=defaults.loss, choices=DIVERGENCE_LOSS_NAMES,
+                       help="divergence of the loss route (default: %(default)s)")
+    route.add_argument("--rank-by", default=defaults.rank_by, choices=RANK_BY,
+                       help="divergence axis of the rules on the loss route: exact_kl (full vocabulary, the paper's) "
+                       "or sampled (the --divergence estimate from the sampled token) (default: %(default)s)")
     tip = parser.add_argument_group("TIP (the keys of verl's algorithm.tip)")
     tip.add_argument("--rule", default=defaults.tip.rule, choices=SELECTION_RULE_NAMES, help="(default: %(default)s)")
     tip.add_argument("--ratio", type=float, default=defaults.tip.ratio, help="share of each response's tokens "
@@ -73,7 +88,8 @@ def demo_config(args: argparse.Namespace):
                         coef=args.coef, seed=args.seed)
         config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
                             prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                            eval_every=args.eval_every, threads=args.threads)
+                            eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
+                            temperature=args.temperature, route=args.route, loss=args.loss, rank_by=args.rank_by)
     if args.steps is not None:
         config.steps = args.steps
     return config
