@@ -15,6 +15,16 @@ make that aggregate a mean over the selected tokens and apply the teacher-coeffi
 Settings reach the loss with the micro-batch: verl's actor worker never sees the `algorithm` section, so the
 `tip_sync` trainer puts `loss_route_settings(config, global_steps)` in the batch's extra_info before the
 actor update, and verl hands extra_info to every micro-batch as non-tensor data.
+
+The batch the selection sees is that micro-batch, on one data-parallel rank: verl's engine cuts each rank's
+share of a mini-batch (actor.ppo_mini_batch_size x rollout.n rollouts over the ranks) into micro-batches of
+actor.ppo_micro_batch_size_per_gpu rollouts, or with actor.use_dynamic_bsz of up to
+actor.ppo_max_token_len_per_gpu tokens, and the loss runs once per micro-batch, every mini-batch and every
+epoch (actor.ppo_epochs), on the current student. Budgets and the per-response rules (all, random, entropy,
+entropy_sample, divergence) do not depend on it; soft_or and q3 take their entropy quantile and min-max over
+it. The selection stays here, not in the trainer, because what it ranks on (the current per-token loss, for
+top-k the logits processor's forward KL, and the update forward's entropy) exists only in the actor; one
+selection per step from rollout-time scores is algorithm.tip.preselect with verl's own loss.
 """
 
 from __future__ import annotations
