@@ -24,7 +24,7 @@ from tip_verl.verl_ext.registration import FIX
 VERL_VERSION = "0.9.1"
 PLUGIN_NAME = "tip_verl"
 PLUGIN_MODULE = "tip_verl.verl_ext.plugin"
-REPORTED_DISTRIBUTIONS = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "megatron-core")
+REPORTED_DISTRIBUTIONS = ("verl", "torch", "transformers", "ray", "vllm", "sglang", "megatron-core", "tip-verl")
 OPTIONAL_DISTRIBUTIONS = ("vllm", "sglang", "megatron-core")
 PROBE_PREFIX = "tip-verl-doctor-probe: "
 SELECTED_LOGPROBS_PATCH = "verl-0.9.1-tip-selected-logprobs.patch"
@@ -105,9 +105,12 @@ def check_registrations() -> list[Check]:
         return [Check("FAIL", "import verl and its registries", f"{probe.stderr.strip()[-2000:]}; {FIX}")]
     found = json.loads(lines[-1][len(PROBE_PREFIX):])
     why = " ".join(found["warnings"]) or FIX
-    from tip_verl.verl_ext.losses import ESTIMATOR_LOSSES, TOPK_LOSSES
+    try:
+        from tip_verl.verl_ext.losses import ESTIMATOR_LOSSES, TOPK_LOSSES
 
-    missing_losses = [name for name in ESTIMATOR_LOSSES + TOPK_LOSSES if name not in found["losses"]]
+        missing_losses = [name for name in ESTIMATOR_LOSSES + TOPK_LOSSES if name not in found["losses"]]
+    except Exception as error:  # the import the plugin's registration needs
+        missing_losses, why = ["tip_*"], f"{why} (importing tip_verl.verl_ext.losses: {error!r})"
 
     def registered(what: str, ok: bool, detail: str = "") -> Check:
         return Check("ok", what, detail) if ok else Check("FAIL", what, f"not registered after `import verl`: {why}")
