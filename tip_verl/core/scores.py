@@ -117,9 +117,9 @@ def _adjacent_order_statistics(valid: torch.Tensor, rank: int) -> tuple[torch.Te
         lower = sample[max(centre - margin, 0)]
         upper = sample[min(centre + margin + 1, sample.numel() - 1)]
         under = int(torch.count_nonzero(valid < lower))
-        inside = (valid >= lower) & (valid <= upper)
-        if under <= rank and under + int(torch.count_nonzero(inside)) >= min(rank + 2, n):
-            candidates, below = torch.masked_select(valid, inside), under
+        inside = torch.masked_select(valid, (valid >= lower) & (valid <= upper))
+        if under <= rank and under + inside.numel() >= min(rank + 2, n):
+            candidates, below = inside, under
     first = torch.kthvalue(candidates, rank - below + 1).values
     if rank + 1 >= n:
         return first, first
