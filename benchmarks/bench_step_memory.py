@@ -390,23 +390,32 @@ def report_head_share(rows: list) -> None:
         print("\n".join(lines))
 
 
-def expected_per_layer_gib(by_layers: dict) -> float:
-    """What one more decoder layer should add to the peak without the optimizer: its parameters and their
-    gradients, and the one (T, H) hidden state that gradient checkpointing keeps per layer.
+def expected_per_layer_gib(by_layers: dict) -> tuple:
+    """What one more decoder layer should add to the peak, without the optimizer, at the two moments
+    where a step peaks: in the LM head's backward, before any layer has its gradient (its parameters and
+    the one (T, H) hidden state that gradient checkpointing keeps per layer), and at the end of the
+    backward (the same plus its gradients).
 
     Args:
         by_layers: {layers: result row} of one (shape, T, way, ratio) at two or more layer counts.
+    Returns:
+        (at_head_gib, at_end_gib) per layer.
     """
     lo, hi = min(by_layers), max(by_layers)
     row = by_layers[lo]
     itemsize = 2 if row["dtype"] == "bfloat16" else 4
-    params_per_layer = (by_layers[hi]["n_params"] - row["n_params"]) / (hi - lo)
-    return (2 * params_per_layer + row["T"] * SHAPES[row["shape"]]["hidden_size"]) * itemsize / GIB
+    params = (by_layers[hi]["n_params"] - row["n_params"]) / (hi - lo)
+    checkpoint = row["T"] * SHAPES[row["shape"]]["hidden_size"]
+    return (params + checkpoint) * itemsize / GIB, (2 * params + checkpoint) * itemsize / GIB
 
 
 def report_extrapolation(rows: list) -> None:
     """Per-layer slope, linearity and the peak extrapolated to the model's depth, for every row measured at
-    two or more layer counts below that depth; ratios to the naive way's extrapolated peak."""
+    two or more layer counts below that depth; ratios to the naive way's extrapolated peak.
+
+    A way whose peak is in the LM head's backward grows by a layer's parameters per layer, the `body` way
+    (peak at the end of the backward) by its parameters and gradients: at depth the second can overtake
+    the first, so the peak at depth is the larger of the way's own line and the body's."""
     series = {}
     for r in rows:
         series.setdefault(_key(r), {})[r["layers"]] = r
@@ -419,23 +428,35 @@ def report_extrapolation(rows: list) -> None:
             k: extrapolate({n: r[k] for n, r in by_layers.items()}, depth)
             for k in ("peak_gib", "opt_peak_gib") if all(k in r for r in by_layers.values())
         }
-        fits[key]["expected_per_layer_gib"] = expected_per_layer_gib(by_layers)
+        fits[key]["expected"] = expected_per_layer_gib(by_layers)
     if not fits:
         return
-    print("# EXTRAPOLATED to the full depth: peak(L) = peak(L_min) + per_layer * (L - L_min), per_layer from the")
-    print("# smallest and largest L measured; max_dev = distance of the other measured L from that line")
-    print("# expected = parameters + gradients + one checkpointed (T, H) hidden state per layer")
-    print(f"{'shape':>10} {'T':>5} {'way':>8} {'ratio':>5} {'GiB/layer':>9} {'expected':>8} {'max_dev':>7} "
-          f"{'at depth':>8} {'/naive':>6} {'opt GiB':>7} {'/naive':>6}")
+
+    def at_depth(key, k):
+        own = fits[key].get(k)
+        body = fits.get((key[0], key[1], "body", "-"), {}).get(k)
+        if own is None:
+            return "-", ""
+        if body is not None and body["at_depth_gib"] > own["at_depth_gib"]:
+            return body["at_depth_gib"], "body"
+        return own["at_depth_gib"], "own"
+
+    print("# EXTRAPOLATED to the full depth: each way's line peak(L_min) + per_layer * (L - L_min), per_layer from")
+    print("# the smallest and largest L measured (max_dev: distance of the other measured L from it), or the body's")
+    print("# line where that is higher (bound); expected per layer: parameters + one checkpointed (T, H) hidden")
+    print("# state (peak in the LM head's backward), or + their gradients too (peak at the end of the backward)")
+    print(f"{'shape':>10} {'T':>5} {'way':>8} {'ratio':>5} {'GiB/layer':>9} {'exp head':>8} {'exp end':>7} "
+          f"{'max_dev':>7} {'at depth':>8} {'bound':>5} {'/naive':>6} {'opt GiB':>7} {'/naive':>6}")
     for key, fit in fits.items():
-        shape, T = key[0], key[1]
-        naive = fits.get((shape, T, "naive", "-"))
-        rel = lambda k: fit[k]["at_depth_gib"] / naive[k]["at_depth_gib"] if naive and k in fit else "-"  # noqa: E731
-        opt = fit.get("opt_peak_gib")
+        naive = (key[0], key[1], "naive", "-")
+        peak, bound = at_depth(key, "peak_gib")
+        opt, _ = at_depth(key, "opt_peak_gib")
+        rel = lambda x, k: x / at_depth(naive, k)[0] if naive in fits and x != "-" else "-"  # noqa: E731
         print(
-            f"{shape:>10} {T:>5} {key[2]:>8} {key[3]:>5} {fit['peak_gib']['per_layer_gib']:>9.4f} "
-            f"{fit['expected_per_layer_gib']:>8.4f} {fit['peak_gib']['max_dev_gib']:>7.4f} {fit['peak_gib']['at_depth_gib']:>8.3f} {_fmt(rel('peak_gib'), 6, 3)} "
-            f"{_fmt(opt['at_depth_gib'] if opt else '-', 7, 3)} {_fmt(rel('opt_peak_gib'), 6, 3)}"
+            f"{key[0]:>10} {key[1]:>5} {key[2]:>8} {key[3]:>5} {fit['peak_gib']['per_layer_gib']:>9.4f} "
+            f"{fit['expected'][0]:>8.4f} {fit['expected'][1]:>7.4f} {fit['peak_gib']['max_dev_gib']:>7.4f} "
+            f"{peak:>8.3f} {bound:>5} {_fmt(rel(peak, 'peak_gib'), 6, 3)} {_fmt(opt, 7, 3)} "
+            f"{_fmt(rel(opt, 'opt_peak_gib'), 6, 3)}"
         )
 
 

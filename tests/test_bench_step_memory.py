@@ -81,10 +81,27 @@ def test_extrapolate_recovers_a_line_and_measures_a_bend():
         bench.extrapolate({2: 3.0}, 28)
 
 
-def test_expected_per_layer_counts_parameters_gradients_and_one_checkpoint():
+def test_expected_per_layer_counts_parameters_one_checkpoint_and_at_the_end_gradients():
     rows = {L: dict(shape="tiny", T=100, dtype="bfloat16", n_params=1000 + 50 * L) for L in (1, 3)}
-    # 50 parameters + 50 gradients + 100 x 64 checkpointed hidden state, 2 bytes each
-    assert bench.expected_per_layer_gib(rows) == pytest.approx((100 + 100 * 64) * 2 / 2**30)
+    at_head, at_end = bench.expected_per_layer_gib(rows)
+    # 50 parameters + a 100 x 64 checkpointed hidden state, 2 bytes each; at the end 50 gradients more
+    assert at_head == pytest.approx((50 + 100 * 64) * 2 / 2**30)
+    assert at_end == pytest.approx((100 + 100 * 64) * 2 / 2**30)
+
+
+def test_extrapolated_peak_is_the_body_line_where_that_is_higher(capsys):
+    def row(way, layers, peak):
+        return dict(shape="qwen3-0.6b", T=2048, way=way, ratio=1.0, layers=layers, dtype="bfloat16",
+                    n_params=100 * layers, peak_gib=peak)
+
+    # naive: 3 GiB + 0.1/layer, selected: 1 GiB + 0.03/layer, body: 0.7 GiB + 0.06/layer
+    rows = [row(w, L, a + b * L) for L in (2, 4) for w, a, b in
+            (("naive", 3.0, 0.1), ("selected", 1.0, 0.03), ("body", 0.7, 0.06))]
+    bench.report_extrapolation(rows)
+    out = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("qwen3")}
+    assert float(out["naive"][8]) == pytest.approx(3.0 + 2.8) and out["naive"][9] == "own"
+    assert float(out["selected"][8]) == pytest.approx(0.7 + 0.06 * 28) and out["selected"][9] == "body"
+    assert float(out["selected"][10]) == pytest.approx((0.7 + 0.06 * 28) / 5.8, abs=1e-3)
 
 
 def test_fused_way_is_skipped_with_a_message_where_verl_is_missing(monkeypatch, capsys):
