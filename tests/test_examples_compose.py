@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (REPO / "examples").glob("run_*.sh") if p.name != "run_tiny_cpu.sh")
+SCRIPTS = sorted(p for p in (REPO / "examples").glob("run_*.sh") if not p.name.endswith("_cpu.sh"))  # GPU scripts
 VERL_CONFIG_DIR = Path(importlib.util.find_spec("verl").submodule_search_locations[0]) / "trainer" / "config"
 ALGORITHM_PREFIXES = (
     "algorithm.",

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The local demo's world (tip-verl demo) trained by verl's own trainer (python -m verl.trainer.main_ppo, V1) on CPU.
+#
+# What it runs: the task's shipped teacher and warm-started student (tip_verl/assets/<task>/), exported as
+# Hugging Face checkpoints with a character tokenizer whose ids are the local models' own, the problems the
+# local loop trains on (train parquet, in its order) and its held-out problems (validation parquet), the task's
+# checker as the custom reward function; tip_opd (trainer.v1.trainer_mode=tip_sync) with the local demo's
+# defaults (LoopConfig: rule, ratio, mix, learning rate and warm-up, batch shape, temperature, steps, evaluation
+# interval), read at export time, printed, and written to $WORLD_DIR/verl_overrides.txt. Through tip-verl's CPU
+# mode (docs/cpu_mode.md): FSDP2 actor on 2 gloo ranks, an `hf` rollout server per rank, one `hf` teacher
+# replica, greedy validation on the held-out split before training and every eval_every steps.
+# Ends with: validation accuracy: <start> -> <end> (teacher <t>) in <N> steps, <S> s
+#
+# How long on 2 idle CPU cores (8 prompts x 8 rollouts, responses up to 30 tokens): ~1 min of start-up,
+# ~5 s per step, ~30 s per validation of 256 problems; STEPS=100 with VAL_EVERY=25 takes about 12 min.
+#
+# What still differs from the local loop (docs/cpu_mode.md, "The demo's world in verl"): the sampling RNG
+# (other rollouts, so the curves agree within the seed-to-seed spread, not token for token), float reductions
+# across 2 FSDP ranks, one rollout at a time instead of a batch, and validation at verl's step 0 and every
+# test_freq steps (the local loop also evaluates at its last step; so does verl).
+#
+# Usage: bash examples/run_demo_world_cpu.sh [extra hydra overrides...]
+#   TASK=add3_scratch          a task of the local demo (`tip-verl demo --task`)
+#   STEPS=100                  training steps (default: the local demo's); the train split holds exactly these
+#   VAL_EVERY=25               validation interval (default: the local demo's eval_every)
+#   WORLD_DIR=... OUT_DIR=...  the exported world / run outputs (metrics.jsonl, checkpoints)
+#   e.g. trainer.save_freq=50, actor_rollout_ref.actor.optim.lr=3e-4
+set -xeuo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TASK=${TASK:-add3_scratch}
+WORLD_DIR=${WORLD_DIR:-${HOME}/.cache/tip-verl/demo_world/${TASK}}
+OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/demo_world_${TASK}}
+N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one hf rollout server each
+
+export TIP_VERL_CPU=1
+export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
+export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}
+
+python3 -m tip_verl.cpu.export_world --task "${TASK}" --out "${WORLD_DIR}" ${STEPS:+--steps "${STEPS}"}
+mapfile -t LOCAL_LOOP < "${WORLD_DIR}/verl_overrides.txt"  # the local loop's settings as verl keys
+if [[ -n "${VAL_EVERY:-}" ]]; then LOCAL_LOOP+=(trainer.test_freq="${VAL_EVERY}"); fi
+
+WORLD=(
+    data.train_files="${WORLD_DIR}/data/train.parquet"
+    data.val_files="${WORLD_DIR}/data/val.parquet"
+    data.truncation=error
+    data.dataloader_num_workers=0
+    actor_rollout_ref.model.path="${WORLD_DIR}/student"
+    distillation.teacher_models.teacher_model.model_path="${WORLD_DIR}/teacher"
+    reward.custom_reward_function.path="${REPO_ROOT}/tip_verl/cpu/reward.py"
+    reward.custom_reward_function.name=task_score
+)
+
+CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
+    reward.num_workers=1
+    actor_rollout_ref.model.use_remove_padding=false
+    actor_rollout_ref.model.enable_gradient_checkpointing=false
+    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+    actor_rollout_ref.actor.strategy=fsdp2
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16
+    actor_rollout_ref.actor.fsdp_config.param_offload=false
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=false
+    +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
+    +actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32
+    +actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32
+    actor_rollout_ref.rollout.name=hf
+    actor_rollout_ref.rollout.mode=async
+    actor_rollout_ref.rollout.dtype=float32
+    actor_rollout_ref.rollout.tensor_model_parallel_size=1
+    actor_rollout_ref.rollout.calculate_log_probs=true
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16
+    actor_rollout_ref.rollout.agent.num_workers=1
+    actor_rollout_ref.rollout.checkpoint_engine.backend=naive
+    distillation.enabled=true
+    distillation.n_gpus_per_node=1
+    distillation.nnodes=1
+    distillation.teacher_models.teacher_model.num_replicas=1
+    distillation.teacher_models.teacher_model.inference.name=hf
+    distillation.teacher_models.teacher_model.inference.dtype=float32
+    distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1
+    trainer.use_v1=true
+    trainer.device=cpu
+    trainer.n_gpus_per_node="${N_PROCS}"
+    trainer.nnodes=1
+    trainer.save_freq=-1
+    trainer.resume_mode=disable
+    trainer.logger='["console","file"]'
+    trainer.project_name=tip_verl_cpu
+    trainer.experiment_name="demo_world_${TASK}"
+    trainer.default_local_dir="${OUT_DIR}/checkpoints"
+    transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+    +ray_kwargs.ray_init.num_gpus=$((N_PROCS + 1))  # logical slots: trainer ranks + the teacher replica
+    ray_kwargs.ray_init.num_cpus=16
+    +ray_kwargs.ray_init.address=local
+    hydra.run.dir="${OUT_DIR}/hydra"
+)
+
+mkdir -p "${OUT_DIR}"
+started=$(date +%s)
+python3 -m verl.trainer.main_ppo "${WORLD[@]}" "${CPU[@]}" "${LOCAL_LOOP[@]}" "$@"
+set +x
+python3 -m tip_verl.cpu.export_world --out "${WORLD_DIR}" --report "${VERL_FILE_LOGGER_PATH}" \
+    --seconds $(( $(date +%s) - started ))
