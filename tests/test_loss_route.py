@@ -203,6 +203,29 @@ def test_soft_or_reads_entropy_from_model_output():
         run("tip_k3", tip, output=student_output(entropy=False)[0])
 
 
+@pytest.mark.parametrize(
+    "divergence_quantile, chosen",
+    [
+        (1.0, [(0, 0), (0, 2), (1, 0), (2, 1), (2, 2)]),  # plain min-max: the outlier squeezes d^ to ~0
+        (0.8, [(0, 0), (0, 2), (1, 0), (2, 0), (2, 3)]),  # clip at 4.39: rollout 2's divergent tokens win
+    ],
+)
+def test_soft_or_clips_the_divergence_at_algorithm_tip_divergence_quantile(divergence_quantile, chosen):
+    """One k3 outlier (log q = 8 at token (0, 0)) and two divergent low-entropy tokens in rollout 2 (log q = 2 at
+    t0, 1.8 at t3), every other log q 0. Entropy alone picks rollout 2's t1, t2 (ENTROPY 1.23, 0.95 over 0.45,
+    0.75). At quantile 1.0 their d^ is ~1.5e-3 and the entropy picks stay; the 0.8 quantile of the 11 k3
+    values is 4.39, so d^ = 1 and 0.74 and Soft-OR takes t0, t3. Rollout 0 keeps the outlier and its top
+    entropy token, rollout 1 its top entropy token (divergence 0)."""
+    log_q = torch.zeros_like(STUDENT)
+    log_q[0, 0], log_q[2, 0], log_q[2, 3] = 8.0, 2.0, 1.8
+    teacher = full_sequence((STUDENT + log_q).unsqueeze(-1), 0.0)
+    tip = {"rule": "soft_or", "ratio": 0.5, "divergence_quantile": divergence_quantile}
+    loss, metrics = run("tip_k3", None, data=micro_batch(tip, teacher=teacher))
+    expected = sum(math.expm1(log_q[i, t].item()) - log_q[i, t].item() for i, t in chosen) / len(chosen)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert metrics["tip_loss/selected_fraction"] == pytest.approx(len(chosen) / sum(RESP_LENS))
+
+
 def test_seq_mean_token_mean_averages_each_rollout_over_its_selected_tokens():
     loss, _ = run("tip_k3", {"rule": "divergence", "ratio": 0.5}, loss_agg_mode="seq-mean-token-mean")
     values = [[k3_loop(i, t) for t in range(m)] for i, m in enumerate(RESP_LENS)]

@@ -156,13 +156,16 @@ def tip_loss_mask(
     entropy: Optional[torch.Tensor],
     entropy_quantile: float,
     generator: Optional[torch.Generator] = None,
+    *,
+    divergence_quantile: float = 0.98,
 ) -> torch.Tensor:
     """Tokens whose distillation loss counts: the TIP selection among the eligible tokens. bool (B, T).
 
     eligible: bool (B, T), response tokens still in play (after outcome routing and the entropy gate);
     divergence: (B, T) per-token loss, the divergence axis of the rules; entropy: (B, T) student entropy in
     nats, or None (then only rules all, random, divergence can run). Each rollout keeps
-    max(1, floor(ratio * eligible_i)) of its eligible tokens.
+    max(1, floor(ratio * eligible_i)) of its eligible tokens. entropy_quantile / divergence_quantile: the batch
+    quantiles Soft-OR clips entropy (B, T) and divergence (B, T) at before min-max (algorithm.tip.*_quantile).
     """
     if entropy is None and rule in ENTROPY_RULES:
         raise ValueError(
@@ -182,6 +185,7 @@ def tip_loss_mask(
         divergence=divergence.detach().float(),
         entropy_quantile=entropy_quantile,
         generator=generator,
+        divergence_quantile=divergence_quantile,
     )
     return select_tokens(rule, ratio, inputs)
 

@@ -232,7 +232,16 @@ def apply_tip(
     entropy = no_padding_2_padding(entropy, data) if entropy is not None else None
     check_loss_inputs(response_mask, distillation_losses=losses, entropy=entropy)
     generator = selection_generator(tip.seed, step)
-    selected = tip_loss_mask(tip.rule, tip.ratio, eligible, losses, entropy, tip.entropy_quantile, generator)
+    selected = tip_loss_mask(
+        tip.rule,
+        tip.ratio,
+        eligible,
+        losses,
+        entropy,
+        tip.entropy_quantile,
+        generator,
+        divergence_quantile=tip.divergence_quantile,
+    )
     multiplier = teacher_coef_multiplier(
         step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
     )
