@@ -382,8 +382,9 @@ def report_head_share(rows: list) -> None:
         body = peaks.get((shape, layers, T, "body"))
         if way == "naive" and body:
             share = 1 - body["peak_gib"] / naive["peak_gib"]
-            opt = (1 - body["opt_peak_gib"] / naive["opt_peak_gib"]) if "opt_peak_gib" in naive else None
-            lines.append(f"{shape:>10} {layers:>2} {T:>5} {share:>10.3f} " + (f"{opt:>10.3f}" if opt is not None else ""))
+            both = "opt_peak_gib" in naive and "opt_peak_gib" in body
+            opt = 1 - body["opt_peak_gib"] / naive["opt_peak_gib"] if both else "-"
+            lines.append(f"{shape:>10} {layers:>2} {T:>5} {share:>10.3f} {_fmt(opt, 10, 3)}")
     if lines:
         print("# LM head's share of the naive step's peak, 1 - body/naive (measured)")
         print(f"{'shape':>10} {'L':>2} {'T':>5} {'share':>10} {'with AdamW':>10}")

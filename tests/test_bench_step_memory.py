@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step_memory", os.path.join(ROOT, "benchmarks", "bench_step_memory.py"))
+    path = os.path.join(ROOT, "benchmarks", "bench_step_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_step_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
