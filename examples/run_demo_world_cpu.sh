@@ -11,8 +11,9 @@
 # replica, greedy validation on the held-out split before training and every eval_every steps.
 # Ends with: validation accuracy: <start> -> <end> (teacher <t>) in <N> steps, <S> s
 #
-# How long on 2 idle CPU cores (8 prompts x 8 rollouts, responses up to 30 tokens): ~1 min of start-up,
-# ~5 s per step, ~30 s per validation of 256 problems; STEPS=100 with VAL_EVERY=25 takes about 12 min.
+# How long on 2 shared CPU cores (8 prompts x 8 rollouts, responses up to 30 tokens): 1-5 min of start-up,
+# 5-10 s per step, ~1 min per validation of 256 problems; STEPS=100 VAL_EVERY=25 took 867 s (14.5 min),
+# the demo's default 400 steps take about an hour.
 #
 # What still differs from the local loop (docs/cpu_mode.md, "The demo's world in verl"): the sampling RNG
 # (other rollouts, so the curves agree within the seed-to-seed spread, not token for token), float reductions
