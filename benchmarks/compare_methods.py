@@ -6,11 +6,13 @@ at 25% and 50% of the budget and at the end ("final acc", the result, as in the 
 evaluations of one held-out set is biased upward, so it is not reported), the area under the accuracy curve
 (mean accuracy over the evaluations, step 0 included), KL(student || teacher) per token over the last 10% of
 steps, the share of response tokens in the loss, the peak activation memory of a training step and the process'
-peak RSS, as mean +- std over seeds.
+peak RSS, as mean +- the half-width of the 95% interval of the mean over seeds (Student's t).
 
-    nice python benchmarks/compare_methods.py --out bench-out --steps 400 --seeds 0 1 2 --workers 2
+    nice python benchmarks/compare_methods.py --out bench-out --route loss --steps 300 --seeds 0 1 2 3 4 --workers 2
 
-Finished runs are skipped when the command is run again (interrupt-safe); --report-only only aggregates.
+Each (route, method, seed) is its own resumable run under <out>/<route>/: run the same command again, in this
+session or the next, and finished runs are skipped, unfinished ones resume from their last checkpoint;
+--report-only only aggregates what has finished.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ from pathlib import Path
 METHODS = {
     "GRPO": {"adv_estimator": "grpo"},
     "OPD all tokens": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}},
+    "entropy 50%": {"tip": {"rule": "entropy", "ratio": 0.5, "mix": "teacher_only"}},
     "entropy_sample 50%": {"tip": {"rule": "entropy_sample", "ratio": 0.5, "mix": "teacher_only"}},
     "soft_or 50%": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "teacher_only"}},
     "soft_or 20%": {"tip": {"rule": "soft_or", "ratio": 0.2, "mix": "teacher_only"}},
     "q3 10%": {"tip": {"rule": "q3", "ratio": 0.1, "mix": "teacher_only"}},
     "random 50%": {"tip": {"rule": "random", "ratio": 0.5, "mix": "teacher_only"}},
     "soft_or 50% + GRPO (replace)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}},
+    "soft_or 50% + GRPO (add)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "add"}},
 }
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus") / f"seed{seed}"
+def run_dir(out: Path, method: str, seed: int, route: str) -> Path:
+    return out / route / method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus") / f"seed{seed}"
 
 
-def run_one(method: str, seed: int, steps: int, out: str) -> str:
+def run_one(method: str, seed: int, steps: int, out: str, route: str) -> str:
     """One run in a fresh process; returns its folder. Writes done.json last, so a folder without it reruns."""
     import torch
 
@@ -48,11 +53,11 @@ def run_one(method: str, seed: int, steps: int, out: str) -> str:
     from tip_verl.local.tasks import DEFAULT_TASK, get_task
 
     torch.set_num_threads(1)
-    folder = run_dir(Path(out), method, seed)
+    folder = run_dir(Path(out), method, seed, route)
     overrides = dict(METHODS[method])
     tip = {"seed": seed, **overrides.pop("tip", {})}
     config = LoopConfig(task=DEFAULT_TASK, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
-                        checkpoint_every=max(1, steps // 4), tip=tip, **overrides)
+                        checkpoint_every=max(1, steps // 4), tip=tip, route=route, **overrides)
     task = get_task(config.task)
     teacher, _ = load_role(task, "teacher")
     student, _ = load_role(task, "student")
@@ -81,22 +86,22 @@ def summarize_run(folder: Path, steps: int) -> dict:
 
 
 def fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
-    """mean ± std, in percent when `pct`."""
+    """mean ± half-width of the 95% confidence interval of the mean (Student's t), in percent when `pct`."""
     scale = 100 if pct else 1
     mean = scale * statistics.mean(values)
-    std = scale * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    half = scale * T_975[len(values)] * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def report(out: Path, steps: int, seeds: list[int]) -> str:
-    """Markdown table over methods (mean ± std over the finished seeds) and curves.png."""
+def report(out: Path, steps: int, seeds: list[int], route: str) -> str:
+    """Markdown table over methods (mean ± 95% interval over the finished seeds) and curves.png."""
     header = ("| method | seeds | acc @25% | acc @50% | final acc | AUC | KL end | tokens in loss | "
               "activations MB | peak RSS MB | s/step |")
     lines = [header, "|" + "---|" * 11]
     curves = {}
     for method in METHODS:
-        runs = [summarize_run(run_dir(out, method, s), steps) for s in seeds
-                if (run_dir(out, method, s) / "done.json").exists()]
+        runs = [summarize_run(run_dir(out, method, s, route), steps) for s in seeds
+                if (run_dir(out, method, s, route) / "done.json").exists()]
         if not runs:
             continue
         col = lambda key: [r[key] for r in runs]  # noqa: E731
@@ -107,11 +112,11 @@ def report(out: Path, steps: int, seeds: list[int]) -> str:
             f"{max(col('activations_mb')):.1f} | {max(col('rss_mb')):.0f} | {statistics.mean(col('s_per_step')):.2f} |"
         )
         curves[method] = runs
-    plot_curves(curves, out / "curves.png")
+    plot_curves(curves, out / route / "curves.png", route)
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict, path: Path) -> None:
+def plot_curves(curves: dict, path: Path, route: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +134,7 @@ def plot_curves(curves: dict, path: Path) -> None:
                         color=line.get_color(), alpha=0.12)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out greedy accuracy")
-    ax.set_title("Student accuracy by method (mean ± std over seeds)")
+    ax.set_title(f"Student accuracy by method, {route} route (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -144,18 +149,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
+                        help="how the teacher signal reaches the student (LoopConfig.route)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
         jobs = [(m, s) for s in args.seeds for m in args.methods
-                if not (run_dir(args.out, m, s) / "done.json").exists()]
+                if not (run_dir(args.out, m, s, args.route) / "done.json").exists()]
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-            futures = [pool.submit(run_one, m, s, args.steps, str(args.out)) for m, s in jobs]
+            futures = [pool.submit(run_one, m, s, args.steps, str(args.out), args.route) for m, s in jobs]
             for future in futures:
                 print("finished", future.result(), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = report(args.out, args.steps, args.seeds)
-    (args.out / "results.md").write_text(table + "\n")
+    (args.out / args.route).mkdir(parents=True, exist_ok=True)
+    table = report(args.out, args.steps, args.seeds, args.route)
+    (args.out / args.route / "results.md").write_text(table + "\n")
     print(table)
 
 

@@ -105,7 +105,7 @@ def test_demo_resumes_after_a_kill_mid_line_and_logs_plain_lines(tmp_path, capsy
         assert main(["demo", "--out", str(tmp_path), "--resume", "--steps", "4"]) == 0
     assert len([w for w in caught if "incomplete" in str(w.message)]) == 1
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
-    progress_steps = [int(m) for m in re.findall(r"^tip_opd \S+  step (\d+)/4", capsys.readouterr().out, re.M)]
+    progress_steps = [int(m) for m in re.findall(r"^\S+ \S+  step (\d+)/4", capsys.readouterr().out, re.M)]
     assert progress_steps == [3, 4]
 
 

@@ -17,8 +17,10 @@ from tip_verl.local.tasks import DEFAULT_TASK, get_task
 SMOKE = LoopConfig(
     task=DEFAULT_TASK,
     adv_estimator="tip_opd",
+    route="advantage",
     tip=TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"),
     steps=20,
+    lr=1e-4,
     eval_every=1000,
     eval_size=16,
     checkpoint_every=1000,
@@ -55,7 +57,7 @@ def test_tip_opd_moves_the_student_toward_the_teacher(task_and_models, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(SMOKE.steps + 1))
     assert 0.45 <= records[1]["tokens/trained_fraction"] <= 0.55
-    assert after < 0.95 * before, (before, after)  # 0.70 -> 0.64 on the shipped models
+    assert after < 0.85 * before, (before, after)  # 0.44 -> 0.33 on the shipped models
 
 
 def test_grpo_runs_and_resumes_without_losing_or_repeating_steps(task_and_models, tmp_path):

@@ -102,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from tip_verl.local.checkpoint import checkpoint_step, read_metrics
     from tip_verl.local.loop import train
     from tip_verl.local.progress import progress
-    from tip_verl.local.report import summarize, write_plots
+    from tip_verl.local.report import method_name, summarize, write_plots
     from tip_verl.local.tasks import get_task
 
     config = demo_config(args)
@@ -112,7 +112,7 @@ def run_demo(args: argparse.Namespace) -> int:
     teacher, teacher_card = load_role(task, "teacher", retrain=args.retrain_teacher)
     student, _ = load_role(task, "student", retrain=args.retrain_student)
     start = checkpoint_step(args.out) if args.resume else 0
-    with progress(config.steps, start, f"{config.adv_estimator} {task.name}") as shown:
+    with progress(config.steps, start, f"{method_name(config).split()[0]} {task.name}") as shown:
         status = train(config, args.out, teacher, student, resume=args.resume, on_step=shown.update)
     records = read_metrics(args.out)
     write_plots(records, args.out, config)

@@ -81,12 +81,12 @@ class LoopConfig:
 
     task: str = DEFAULT_TASK
     adv_estimator: str = "tip_opd"
-    route: str = "advantage"
+    route: str = "loss"
     loss: str = "reverse_kl"
     rank_by: str = "exact_kl"
     tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
     norm_adv_by_std_in_grpo: bool = True
-    steps: int = 400
+    steps: int = 300
     prompts_per_step: int = 8
     group_size: int = 8
     temperature: float = 1.0

@@ -82,10 +82,11 @@ def threshold_source(tip: TipConfig) -> str:
     return f"{entropy}, {divergence}"
 
 
-def quadrant_map(batch: dict, path: Path, title: str, tip: TipConfig) -> None:
+def quadrant_map(batch: dict, path: Path, title: str, tip: TipConfig, divergence_label: Optional[str] = None) -> None:
     """Every valid response token of one batch on the entropy x divergence plane, coloured by quadrant;
     the tokens TIP selected are drawn filled, the others hollow. Dashed lines: the quadrant thresholds of `tip`,
-    the config the batch was scored with (its divergence estimate names the vertical axis)."""
+    the config the batch was scored with (its divergence estimate names the vertical axis, unless
+    `divergence_label` says what the batch's divergence is, e.g. the exact KL of the loss route)."""
     mask = batch["response_mask"].bool()
     entropy = batch["entropy"][mask]
     divergence = batch["divergence"][mask]
@@ -108,8 +109,8 @@ def quadrant_map(batch: dict, path: Path, title: str, tip: TipConfig) -> None:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xscale("symlog", linthresh=1e-2)
     ax.set_xlabel("student entropy H (nats, linear below 0.01)")
-    ax.set_ylabel(f"divergence D ({tip.divergence} estimate of KL(student || teacher), "
-                  "linear below 0.001)")
+    label = divergence_label or f"{tip.divergence} estimate of KL(student || teacher)"
+    ax.set_ylabel(f"divergence D ({label}, linear below 0.001)")
     ax.set_title(f"{title}\n{int(selected.sum())} of {int(mask.sum())} tokens selected")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)

@@ -12,7 +12,15 @@ def method_name(config: LoopConfig) -> str:
     if config.adv_estimator == "grpo":
         return "GRPO"
     tip = config.tip
-    return f"tip_opd rule={tip.rule} ratio={tip.ratio:g} mix={tip.mix}"
+    route = "tip_opd" if config.route == "advantage" else f"{config.loss} loss"
+    return f"{route} rule={tip.rule} ratio={tip.ratio:g} mix={tip.mix}"
+
+
+def divergence_label(config: LoopConfig) -> str:
+    """What the divergence axis of the run's TIP scores is."""
+    if config.route == "loss" and config.rank_by == "exact_kl":
+        return "exact KL(student || teacher) over the vocabulary"
+    return f"{config.tip.divergence} estimate of KL(student || teacher)"
 
 
 def write_plots(records: list[dict], out: Path, config: LoopConfig) -> None:
@@ -23,7 +31,8 @@ def write_plots(records: list[dict], out: Path, config: LoopConfig) -> None:
         batch = load_batch(batch_path)
         if "selected" in batch:
             quadrant_map(batch, out / "quadrant_map.png",
-                         f"Student tokens of step {config.dump_batch_at}: {method_name(config)}", config.tip)
+                         f"Student tokens of step {config.dump_batch_at}: {method_name(config)}", config.tip,
+                         divergence_label(config))
 
 
 def _mean(records: list[dict], key: str) -> float:

@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from tip_verl.local.plans import DEFAULT_STUDENT_PLAN, DEFAULT_TEACHER_PLAN, TrainPlan
+from tip_verl.local.plans import DEFAULT_STUDENT_PLAN, DEFAULT_TEACHER_PLAN, ModelSize, TrainPlan
 from tip_verl.local.tokenizer import CharTokenizer
 
 Problem = tuple[int, ...]
@@ -100,7 +100,11 @@ def addition_scratchpad(width: int) -> Task:
     "482+596=" -> "2+6=8,8+9=17,4+5+1=10;1078": each column from the least significant one, "+1" when the
     previous column carried. Most tokens copy a digit of the prompt or a separator; the decisive ones are the
     column sums, whether a carry is written, and the answer read back from the sums.
+
+    The student has the teacher's size and is warm-started by the same supervised plan, stopped at its first
+    evaluation at 20%: a smaller student learns this scratchpad too slowly for a demo (docs/demo.md).
     """
+    student = replace(DEFAULT_STUDENT_PLAN, stop_at=0.2)
 
     def solution(p: Problem) -> str:
         a, b = p
@@ -119,6 +123,7 @@ def addition_scratchpad(width: int) -> Task:
         solution=solution,
         answer=lambda p: str(p[0] + p[1]),
         answer_separator=";",
+        plan=TrainPlan(student_size=ModelSize(layers=3, hidden=96, heads=3), student=student),
     )
 
 
