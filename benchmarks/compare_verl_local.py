@@ -39,7 +39,7 @@ def local_run(task: str, seed: int, steps: int, eval_every: int, out: Path) -> l
     from tip_verl.local.loop import LoopConfig, train
     from tip_verl.local.tasks import get_task
 
-    config = LoopConfig(task=task, seed=seed, steps=steps, eval_every=eval_every)
+    config = LoopConfig(task=task, route="advantage", seed=seed, steps=steps, eval_every=eval_every)
     torch.set_num_threads(config.threads)
     if not (out / "done.json").exists():
         world = get_task(task)
@@ -135,7 +135,7 @@ def report(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int)
 def main() -> None:
     from tip_verl.local.loop import LoopConfig
 
-    defaults = LoopConfig()
+    defaults = LoopConfig(route="advantage")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--task", default=defaults.task)

@@ -40,7 +40,7 @@ COMPARED = 48  # held-out problems generated one by one through the HF route
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    config = LoopConfig(task=DEFAULT_TASK, steps=3, eval_size=EVAL_SIZE)
+    config = LoopConfig(task=DEFAULT_TASK, route="advantage", steps=3, eval_size=EVAL_SIZE)
     return export_world.export(tmp_path_factory.mktemp("world"), config)
 
 
@@ -158,8 +158,8 @@ def overrides_of(config: LoopConfig, task) -> dict[str, str]:
 
 
 def test_overrides_compose_and_carry_the_loop_config(world, task):
-    config = LoopConfig(lr=3e-4, warmup_steps=7, prompts_per_step=4, group_size=6, steps=12, eval_every=5,
-                        tip=TipConfig(rule="q3", ratio=0.1, mix="teacher_only", seed=3, divergence_quantile=0.9))
+    config = LoopConfig(route="advantage", lr=3e-4, warmup_steps=7, prompts_per_step=4, group_size=6, steps=12,
+                        eval_every=5, tip=TipConfig(rule="q3", ratio=0.1, mix="teacher_only", seed=3, divergence_quantile=0.9))
     args = [f"data.train_files={world['paths']['train']}", f"data.val_files={world['paths']['val']}",
             f"actor_rollout_ref.model.path={world['paths']['student']}", "trainer.use_v1=true",
             "distillation.enabled=true", f"distillation.teacher_models.teacher_model.model_path={world['paths']['teacher']}",
@@ -183,7 +183,7 @@ def test_verl_learning_rate_schedule_is_the_local_warmup():
     """verl's scheduler under the exported optim keys, against the local loop's lr * min(1, step / warmup)."""
     from verl.utils.torch_functional import get_cosine_schedule_with_warmup
 
-    config, task = LoopConfig(lr=1e-3, warmup_steps=5), get_task(DEFAULT_TASK)
+    config, task = LoopConfig(route="advantage", lr=1e-3, warmup_steps=5), get_task(DEFAULT_TASK)
     optim = {k.rsplit(".", 1)[1]: v for k, v in overrides_of(config, task).items() if ".optim." in k}
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=float(optim["lr"]))

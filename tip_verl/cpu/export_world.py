@@ -195,8 +195,9 @@ def export_models(task: Task, out: Path) -> dict:
 
 
 def export(out: Path, config: Optional[LoopConfig] = None) -> dict:
-    """Write the world of `config` (default: the local demo's defaults) under `out`; return world.json's content."""
-    config = config or LoopConfig()
+    """Write the world of `config` (default: the local demo's defaults on the advantage route, the one verl runs)
+    under `out`; return world.json's content."""
+    config = config or LoopConfig(route="advantage")
     task = get_task(config.task)
     out = Path(out)
     models = export_models(task, out)
@@ -258,6 +259,10 @@ def main() -> None:
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps of training data to write (default: the local loop's steps)")
+    parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
+                        help="advantage: verl's tip_opd, the route verl runs with a sampled-token teacher; loss: the "
+                        "local loss route as verl's top-k forward KL (default: %(default)s; the local demo's "
+                        "default is the loss route with reverse KL, which verl's teacher cannot give)")
     parser.add_argument("--report", type=Path, default=None, metavar="METRICS_JSONL",
                         help="print the summary line of a finished verl run of the world in --out instead")
     parser.add_argument("--seconds", type=float, default=0.0, help="with --report: the run's wall time")
@@ -266,7 +271,7 @@ def main() -> None:
         world = json.loads((args.out / WORLD_FILE).read_text())
         print(summary_line(world, read_verl_metrics(args.report), args.seconds))
         return
-    config = LoopConfig(task=args.task)
+    config = LoopConfig(task=args.task, route=args.route, **({"loss": "forward_kl"} if args.route == "loss" else {}))
     if args.steps is not None:
         config.steps = args.steps
     world = export(args.out, config)
