@@ -10,31 +10,12 @@ import torch
 
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
-from tip_verl.local.assets import load_role
 from tip_verl.local.loop import LoopConfig, policy_loss_mask, train
 from tip_verl.local.rollout import head_logprobs_and_entropy, response_hidden, sample
-from tip_verl.local.tasks import DEFAULT_TASK, get_task
 
-from test_local_loop import _copy, reverse_kl_to_teacher
+from test_local_loop import SMOKE, _copy, reverse_kl_to_teacher, task_and_models  # noqa: F401  (fixture)
 
-LOSS_SMOKE = LoopConfig(
-    task=DEFAULT_TASK,
-    route="loss",
-    tip=TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"),
-    steps=20,
-    lr=1e-4,
-    warmup_steps=1,
-    eval_every=1000,
-    eval_size=16,
-    checkpoint_every=1000,
-)
-
-
-@pytest.fixture(scope="module")
-def task_and_models():
-    torch.set_num_threads(1)
-    task = get_task(DEFAULT_TASK)
-    return task, load_role(task, "teacher")[0], load_role(task, "student")[0]
+LOSS_SMOKE = dataclasses.replace(SMOKE, route="loss", warmup_steps=1)
 
 
 def test_loss_route_moves_the_student_toward_the_teacher(task_and_models, tmp_path):

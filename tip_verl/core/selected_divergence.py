@@ -57,7 +57,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from tip_verl.core.selected_logits import _chunk_logits, _compute_dtype
+from tip_verl.core.selected_logits import _chunk_logits, _compute_dtype, check_chunking, check_lm_head
 
 __all__ = ["DIVERGENCE_LOSS_NAMES", "selected_token_divergence", "exact_token_kl", "SelectedTokenDivergence"]
 
@@ -223,30 +223,13 @@ class SelectedTokenDivergence(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _check_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    if hidden.dim() < 2:
-        raise ValueError(f"{role}_hidden must have shape (B, T, H); got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{role}_weight must be the {role}'s LM head weight of shape (V, H) with H = {role}_hidden.shape[-1] "
-            f"= {hidden.shape[-1]}; got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{role}_bias must have shape (V,) = ({weight.shape[0]},) or be None; got {tuple(bias.shape)}"
-        )
-
-
 def _validate(
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
     mask_name, mask, chunk_size, temperature,
 ):
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1 (selected tokens per chunk); got {chunk_size!r}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_chunking(chunk_size, temperature)
+    check_lm_head(student_hidden, student_weight, student_bias, prefix="student_")
+    check_lm_head(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise ValueError(
             f"student and teacher must share the vocabulary: student_weight has V = {student_weight.shape[0]} rows, "

@@ -174,20 +174,32 @@ class SelectedTokenLogProbs(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _validate(hidden, weight, bias, selected, targets, chunk_size, temperature):
+def check_chunking(chunk_size: int, temperature: float) -> None:
+    """Raise unless chunk_size is an int >= 1 and temperature a number > 0."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1 (selected tokens per chunk); got {chunk_size!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
+
+
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prefix: str = "") -> None:
+    """Raise unless hidden (..., H), weight (V, H) and bias (V,) or None fit; `prefix` names them (e.g. "teacher_")."""
     if hidden.dim() < 2:
-        raise ValueError(f"hidden must have shape (B, T, H); got {tuple(hidden.shape)}")
+        raise ValueError(f"{prefix}hidden must have shape (B, T, H); got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must be the LM head weight of shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}; "
-            f"got {tuple(weight.shape)}"
+            f"{prefix}weight must be the LM head weight of shape (V, H) with H = {prefix}hidden.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},) or be None; got {tuple(bias.shape)}")
+        raise ValueError(
+            f"{prefix}bias must have shape (V,) = ({weight.shape[0]},) or be None; got {tuple(bias.shape)}"
+        )
+
+
+def _validate(hidden, weight, bias, selected, targets, chunk_size, temperature):
+    check_chunking(chunk_size, temperature)
+    check_lm_head(hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     if tuple(selected.shape) != lead:
         raise ValueError(f"selected must have shape {lead} (hidden.shape[:-1]); got {tuple(selected.shape)}")
