@@ -4,7 +4,8 @@ One step is: the transformer (random weights, built from a Qwen3 config, bf16,
 gradient checkpointing on as verl's scripts set it) on one packed sequence of T
 tokens -> per-token log-probs of the next token -> the policy-gradient loss
 -(A * logp) averaged over the selected tokens -> backward to every parameter,
-then, in a second phase of the same subprocess, the same with an AdamW step.
+then, in a second phase of the same subprocess, the same with an AdamW step
+(after one unmeasured step that creates the optimizer state, as in a run).
 The ways differ only in how the log-probs are computed:
 
   naive     model(...).logits for all T tokens (bf16), log_softmax, gather,
@@ -209,6 +210,11 @@ def worker(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if spec["optimizer"] else None
     result = {**spec, "n_selected": int(batch["selected"].sum()), "n_params": n_params}
     for phase, opt in [("", None)] + ([("opt_", optimizer)] if optimizer else []):
+        if opt is not None:
+            # the first AdamW step creates its state after the backward; in a run it is there all step long
+            step_loss(way, model, batch, spec["chunk_size"]).backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
         meter.reset()
         times = []
         for _ in range(spec["steps"]):

@@ -71,6 +71,29 @@ def test_worker_reports_a_peak_and_a_time_for_both_phases():
     assert r["step_s"] > 0 and r["opt_step_s"] > 0
 
 
+def test_optimizer_phase_is_measured_with_the_adamw_state_already_there(monkeypatch):
+    optimizers, state_at_reset = [], []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+    reset = bench.PeakMeter.reset
+
+    def recording_reset(meter):
+        state_at_reset.append(sum(len(o.state) for o in optimizers))
+        reset(meter)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
+    monkeypatch.setattr(bench.PeakMeter, "reset", recording_reset)
+    spec = dict(shape="tiny", layers=1, T=16, way="naive", ratio=0.5, device="cpu", dtype="bfloat16",
+                chunk_size=8, steps=1, optimizer=True)
+    bench.worker(spec)
+    n_params = len(list(optimizers[0].param_groups[0]["params"]))
+    assert state_at_reset == [0, n_params]  # no state in the first phase, every parameter's in the second
+
+
 def test_extrapolate_recovers_a_line_and_measures_a_bend():
     line = bench.extrapolate({2: 3.0, 4: 3.5, 6: 4.0}, 28)
     assert line["per_layer_gib"] == pytest.approx(0.25)
