@@ -401,7 +401,7 @@ def expected_per_layer_gib(by_layers: dict) -> tuple:
     """What one more decoder layer should add to the peak, without the optimizer, at the two moments
     where a step peaks: in the LM head's backward, before any layer has its gradient (its parameters and
     the one (T, H) hidden state that gradient checkpointing keeps per layer), and at the end of the
-    backward (the same plus its gradients).
+    backward (its parameters and their gradients; the checkpoints are freed by then).
 
     Args:
         by_layers: {layers: result row} of one (shape, T, way, ratio) at two or more layer counts.
@@ -413,7 +413,7 @@ def expected_per_layer_gib(by_layers: dict) -> tuple:
     itemsize = 2 if row["dtype"] == "bfloat16" else 4
     params = (by_layers[hi]["n_params"] - row["n_params"]) / (hi - lo)
     checkpoint = row["T"] * SHAPES[row["shape"]]["hidden_size"]
-    return (params + checkpoint) * itemsize / GIB, (2 * params + checkpoint) * itemsize / GIB
+    return (params + checkpoint) * itemsize / GIB, 2 * params * itemsize / GIB
 
 
 def report_extrapolation(rows: list) -> None:
@@ -451,7 +451,7 @@ def report_extrapolation(rows: list) -> None:
     print("# EXTRAPOLATED to the full depth: each way's line peak(L_min) + per_layer * (L - L_min), per_layer from")
     print("# the smallest and largest L measured (max_dev: distance of the other measured L from it), or the body's")
     print("# line where that is higher (bound); expected per layer: parameters + one checkpointed (T, H) hidden")
-    print("# state (peak in the LM head's backward), or + their gradients too (peak at the end of the backward)")
+    print("# state (peak in the LM head's backward), or parameters + gradients (peak at the end of the backward)")
     print(f"{'shape':>10} {'T':>5} {'way':>8} {'ratio':>5} {'GiB/layer':>9} {'exp head':>8} {'exp end':>7} "
           f"{'max_dev':>7} {'at depth':>8} {'bound':>5} {'/naive':>6} {'opt GiB':>7} {'/naive':>6}")
     for key, fit in fits.items():

@@ -105,12 +105,12 @@ def test_extrapolate_recovers_a_line_and_measures_a_bend():
         bench.extrapolate({2: 3.0}, 28)
 
 
-def test_expected_per_layer_counts_parameters_one_checkpoint_and_at_the_end_gradients():
+def test_expected_per_layer_counts_parameters_and_a_checkpoint_or_at_the_end_parameters_and_gradients():
     rows = {L: dict(shape="tiny", T=100, dtype="bfloat16", n_params=1000 + 50 * L) for L in (1, 3)}
     at_head, at_end = bench.expected_per_layer_gib(rows)
-    # 50 parameters + a 100 x 64 checkpointed hidden state, 2 bytes each; at the end 50 gradients more
+    # 50 parameters + a 100 x 64 checkpointed hidden state, 2 bytes each; at the end 50 parameters + 50 gradients
     assert at_head == pytest.approx((50 + 100 * 64) * 2 / 2**30)
-    assert at_end == pytest.approx((100 + 100 * 64) * 2 / 2**30)
+    assert at_end == pytest.approx(100 * 2 / 2**30)
 
 
 def test_extrapolated_peak_is_the_body_line_where_that_is_higher(capsys):
