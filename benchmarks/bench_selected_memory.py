@@ -49,9 +49,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from fresh_process import reset_peak_rss, rss_kib, run_worker
 
 ALL_T = [2048, 8192]
 ALL_V = [32000, 152064]
@@ -59,23 +60,6 @@ ALL_RATIOS = [1.0, 0.5, 0.2, 0.1]
 METHODS = ["full", "gather", "tip", "verl"]
 DIVERGENCE_METHODS = ["kl_full", "kl_tip"]
 RATIO_FREE = ("full", "verl", "kl_full")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(spec: dict) -> dict:
@@ -146,35 +130,18 @@ def worker(spec: dict) -> dict:
 
     gc.collect()
     before_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset = _reset_peak()
-    base = _rss_kib("VmRSS")
+    reset = reset_peak_rss()
+    base = rss_kib("VmRSS")
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     if reset:
-        peak_kib = _rss_kib("VmHWM") - base
+        peak_kib = rss_kib("VmHWM") - base
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_maxrss
     return {**spec, "n_sel": n_sel, "peak_mib": peak_kib / 1024, "step_s": min(times), "peak_reset": reset}
-
-
-def run_one(spec: dict, threads: int) -> dict:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    env["OMP_NUM_THREADS"] = str(threads)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"worker failed for {spec}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -227,7 +194,7 @@ def main(argv=None) -> int:
                         method=method, T=T, V=V, H=a.H, ratio=ratio, dtype=a.dtype,
                         chunk_size=a.chunk_size, steps=a.steps,
                     )
-                    r = run_one(spec, a.threads)
+                    r = run_worker(__file__, spec, a.threads)
                     if method == methods[0]:
                         base = r
                     r["mem_ratio"] = r["peak_mib"] / base["peak_mib"]

@@ -52,9 +52,10 @@ import importlib.util
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from fresh_process import reset_peak_rss, rss_kib, run_worker
 
 # Qwen3 configs as published (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B); `tiny` is for --quick.
 SHAPES = {
@@ -145,14 +146,6 @@ def step_loss(way: str, model, batch: dict, chunk_size: int = 512):
     raise ValueError(f"unknown way {way!r}; choose one of {WAYS}")
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class PeakMeter:
     """Peak memory above the bare process: CUDA allocator counters, or peak RSS on CPU."""
 
@@ -164,7 +157,7 @@ class PeakMeter:
         if self.cuda:
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base = _rss_kib("VmRSS") * 1024
+            self.base = rss_kib("VmRSS") * 1024
             self.base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.exact = True
 
@@ -174,10 +167,7 @@ class PeakMeter:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
             return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
+        if not reset_peak_rss():
             self.exact = False  # falls back to ru_maxrss, which cannot be reset (includes the build)
 
     def peak(self) -> dict:
@@ -188,7 +178,7 @@ class PeakMeter:
                 reserved_gib=self.torch.cuda.max_memory_reserved() / GIB,
             )
         if self.exact:
-            return dict(peak_gib=(_rss_kib("VmHWM") * 1024 - self.base) / GIB)
+            return dict(peak_gib=(rss_kib("VmHWM") * 1024 - self.base) / GIB)
         return dict(peak_gib=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / GIB)
 
 
@@ -243,22 +233,6 @@ def runnable_ways(ways: list) -> list:
         print("# skip way `fused`: verl is not installed (pip install verl==0.9.1); the other ways need only torch")
         ways.remove("fused")
     return ways
-
-
-def run_one(spec: dict, threads: int) -> dict:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    env["OMP_NUM_THREADS"] = str(threads)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        env=env, capture_output=True, text=True,
-    )
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{spec['way']} failed: {last}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def extrapolate(points: dict, depth: int) -> dict:
@@ -344,7 +318,7 @@ def main(argv=None) -> int:
                             dtype=a.dtype, chunk_size=a.chunk_size, steps=a.steps, optimizer=not a.no_optimizer,
                         )
                         try:
-                            r = run_one(spec, a.threads)
+                            r = run_worker(__file__, spec, a.threads)
                         except RuntimeError as e:
                             print(f"# {shape} L={layers} T={T} ratio={ratio}: {e}", flush=True)
                             continue

@@ -3,6 +3,7 @@ and its extrapolation in the number of layers."""
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_bench():
+    """The script as a module, with its folder importable as when it runs (it imports fresh_process)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     path = os.path.join(ROOT, "benchmarks", "bench_step_memory.py")
     spec = importlib.util.spec_from_file_location("bench_step_memory", path)
     module = importlib.util.module_from_spec(spec)
