@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from tip_verl.local.tasks import DEFAULT_TASK, TASKS
+
 METHODS = {
     "GRPO": {"adv_estimator": "grpo"},
     "OPD all tokens": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}},
@@ -35,28 +37,37 @@ METHODS = {
     "random 50%": {"tip": {"rule": "random", "ratio": 0.5, "mix": "teacher_only"}},
     "soft_or 50% + GRPO (replace)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}},
     "soft_or 50% + GRPO (add)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "add"}},
+    # TRACE outcome routing (loss route): no teacher term on rollouts the checker accepts, GRPO there instead
+    "soft_or 50% + GRPO (replace), no teacher on correct": {
+        "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}, "tip_loss": {"correct_loss": "none"}},
+    # TRACE's annealed teacher: full weight for 50 steps, then linearly to 0 over 100, GRPO alone after
+    "soft_or 50% + GRPO (replace), teacher annealed": {
+        "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"},
+        "tip_loss": {"schedule": "warmup_anneal", "warmup_steps": 50, "anneal_steps": 100}},
 }
+DEFAULT_METHODS = [m for m in METHODS if "teacher on correct" not in m and "annealed" not in m]
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
+SLICES = ("teacher_wrong", "teacher_right")  # final accuracy by slice, for a task whose teacher has a known mistake
 
 
 def run_dir(out: Path, method: str, seed: int, route: str) -> Path:
     return out / route / method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus") / f"seed{seed}"
 
 
-def run_one(method: str, seed: int, steps: int, out: str, route: str) -> str:
+def run_one(method: str, seed: int, steps: int, out: str, route: str, task_name: str) -> str:
     """One run in a fresh process; returns its folder. Writes done.json last, so a folder without it reruns."""
     import torch
 
     from tip_verl.local.assets import load_role
     from tip_verl.local.loop import LoopConfig, train
-    from tip_verl.local.tasks import DEFAULT_TASK, get_task
+    from tip_verl.local.tasks import get_task
 
     torch.set_num_threads(1)
     folder = run_dir(Path(out), method, seed, route)
     overrides = dict(METHODS[method])
     tip = {"seed": seed, **overrides.pop("tip", {})}
-    config = LoopConfig(task=DEFAULT_TASK, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
+    config = LoopConfig(task=task_name, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
                         checkpoint_every=max(1, steps // 4), tip=tip, route=route, **overrides)
     task = get_task(config.task)
     teacher, _ = load_role(task, "teacher")
@@ -72,8 +83,10 @@ def summarize_run(folder: Path, steps: int) -> dict:
     evals = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
     trained = [r for r in records if r["step"] > 0]
     at = {b: evals[max(s for s in evals if s <= b * steps)] for b in BUDGETS}
+    final = next(r for r in reversed(records) if "eval/accuracy" in r)
     return {
         **{f"acc@{int(b * 100)}%": v for b, v in at.items()},
+        **{key: final[f"eval/accuracy_{key}"] for key in SLICES if f"eval/accuracy_{key}" in final},
         "auc": sum(evals.values()) / len(evals),
         "start": evals[0],
         "kl_end": statistics.mean(r["kl/teacher"] for r in trained[-len(trained) // 10 :]),
@@ -95,19 +108,22 @@ def fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
 
 def report(out: Path, steps: int, seeds: list[int], route: str) -> str:
     """Markdown table over methods (mean ± 95% interval over the finished seeds) and curves.png."""
-    header = ("| method | seeds | acc @25% | acc @50% | final acc | AUC | KL end | tokens in loss | "
-              "activations MB | peak RSS MB | s/step |")
-    lines = [header, "|" + "---|" * 11]
+    summaries = {method: [summarize_run(run_dir(out, method, s, route), steps) for s in seeds
+                          if (run_dir(out, method, s, route) / "done.json").exists()] for method in METHODS}
+    slices = [key for key in SLICES if any(key in r for runs in summaries.values() for r in runs)]
+    header = ("| method | seeds | acc @25% | acc @50% | final acc | " + "".join(
+        f"final, {key.replace('_', ' ')} | " for key in slices) + "AUC | KL end | tokens in loss | "
+        "activations MB | peak RSS MB | s/step |")
+    lines = [header, "|" + "---|" * (11 + len(slices))]
     curves = {}
-    for method in METHODS:
-        runs = [summarize_run(run_dir(out, method, s, route), steps) for s in seeds
-                if (run_dir(out, method, s, route) / "done.json").exists()]
+    for method, runs in summaries.items():
         if not runs:
             continue
         col = lambda key: [r[key] for r in runs]  # noqa: E731
         lines.append(
             f"| {method} | {len(runs)} | {fmt(col('acc@25%'))} | {fmt(col('acc@50%'))} | {fmt(col('acc@100%'))} | "
-            f"{fmt(col('auc'))} | {fmt(col('kl_end'), pct=False, digits=2)} | "
+            + "".join(f"{fmt(col(key))} | " for key in slices)
+            + f"{fmt(col('auc'))} | {fmt(col('kl_end'), pct=False, digits=2)} | "
             f"{100 * statistics.mean(col('tokens_in_loss')):.0f}% | "
             f"{max(col('activations_mb')):.1f} | {max(col('rss_mb')):.0f} | {statistics.mean(col('s_per_step')):.2f} |"
         )
@@ -148,7 +164,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="(default: all but the TRACE variants, which are for --task add3_scratch_flawed)")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS),
+                        help="the world; add3_scratch_flawed: a teacher that drops the final carry of four-digit sums "
+                        "(the table then adds the final accuracy on the problems it was taught wrong and right)")
     parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
                         help="how the teacher signal reaches the student (LoopConfig.route)")
     parser.add_argument("--report-only", action="store_true")
@@ -157,7 +177,7 @@ def main() -> None:
         jobs = [(m, s) for s in args.seeds for m in args.methods
                 if not (run_dir(args.out, m, s, args.route) / "done.json").exists()]
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-            futures = [pool.submit(run_one, m, s, args.steps, str(args.out), args.route) for m, s in jobs]
+            futures = [pool.submit(run_one, m, s, args.steps, str(args.out), args.route, args.task) for m, s in jobs]
             for future in futures:
                 print("finished", future.result(), flush=True)
     (args.out / args.route).mkdir(parents=True, exist_ok=True)

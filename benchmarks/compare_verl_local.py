@@ -30,7 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_demo_world_cpu.sh"
 
 
-def local_run(task: str, seed: int, steps: int, eval_every: int, out: Path) -> list[dict]:
+def route_config(route: str) -> dict:
+    """The LoopConfig keys of a route both drivers can run: tip_opd, or the loss route with forward KL (verl's
+    top-k distillation loss over the whole vocabulary)."""
+    return {"route": route, **({"loss": "forward_kl"} if route == "loss" else {})}
+
+
+def local_run(task: str, route: str, seed: int, steps: int, eval_every: int, out: Path) -> list[dict]:
     """One local loop run (resumed if interrupted); its metrics.jsonl records."""
     import torch
 
@@ -39,7 +45,7 @@ def local_run(task: str, seed: int, steps: int, eval_every: int, out: Path) -> l
     from tip_verl.local.loop import LoopConfig, train
     from tip_verl.local.tasks import get_task
 
-    config = LoopConfig(task=task, route="advantage", seed=seed, steps=steps, eval_every=eval_every)
+    config = LoopConfig(task=task, seed=seed, steps=steps, eval_every=eval_every, **route_config(route))
     torch.set_num_threads(config.threads)
     if not (out / "done.json").exists():
         world = get_task(task)
@@ -51,12 +57,12 @@ def local_run(task: str, seed: int, steps: int, eval_every: int, out: Path) -> l
     return read_metrics(out)
 
 
-def verl_run(task: str, steps: int, eval_every: int, out: Path) -> Path:
+def verl_run(task: str, route: str, steps: int, eval_every: int, out: Path) -> Path:
     """examples/run_demo_world_cpu.sh at the same settings; returns its metrics.jsonl."""
     metrics, summary = out / "metrics.jsonl", out / "summary.txt"
     if summary.exists():
         return metrics
-    env = {**os.environ, "TASK": task, "STEPS": str(steps), "VAL_EVERY": str(eval_every),
+    env = {**os.environ, "TASK": task, "ROUTE": route, "STEPS": str(steps), "VAL_EVERY": str(eval_every),
            "WORLD_DIR": str(out / "world"), "OUT_DIR": str(out), "VERL_FILE_LOGGER_PATH": str(metrics),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out.mkdir(parents=True, exist_ok=True)
@@ -127,20 +133,24 @@ def report(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int)
         return statistics.mean(kl[s] for s in sorted(kl)[-window:])
 
     local_kl = [tail_mean(kl) for _, kl in local]
+    verl_kl = f"{tail_mean(verl[1]):.3f}" if verl[1] else "not logged on this route"
     lines.append(f"\nKL to the teacher, last {window} steps: local {statistics.mean(local_kl):.3f} "
-                 f"(seeds {min(local_kl):.3f}-{max(local_kl):.3f}), verl {tail_mean(verl[1]):.3f}")
+                 f"(seeds {min(local_kl):.3f}-{max(local_kl):.3f}), verl {verl_kl}")
     return "\n".join(lines)
 
 
 def main() -> None:
     from tip_verl.local.loop import LoopConfig
 
-    defaults = LoopConfig(route="advantage")
+    defaults = LoopConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--task", default=defaults.task)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
+                        help="advantage: tip_opd; loss: the loss route with forward KL over the vocabulary (verl's "
+                        "tip_forward_kl_topk at topk = vocabulary) (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="local loop seeds")
     parser.add_argument("--smooth", type=int, default=10, help="moving-average window of the KL curves, in steps")
     parser.add_argument("--verl-metrics", type=Path, default=None,
@@ -148,11 +158,12 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.time()
-    local = [local_curves(local_run(args.task, seed, args.steps, args.eval_every, args.out / "local" / f"seed{seed}"))
+    local = [local_curves(local_run(args.task, args.route, seed, args.steps, args.eval_every,
+                                    args.out / "local" / f"seed{seed}"))
              for seed in args.seeds]
     print(f"local loop: {len(args.seeds)} runs in {time.time() - started:.0f} s", flush=True)
     verl_dir = args.out / "verl"
-    metrics = args.verl_metrics or verl_run(args.task, args.steps, args.eval_every, verl_dir)
+    metrics = args.verl_metrics or verl_run(args.task, args.route, args.steps, args.eval_every, verl_dir)
     verl = verl_curves(metrics, verl_dir / "world")
     plot(local, verl, args.smooth, args.seeds, args.out / "verl_vs_local.png")
     table = report(local, verl, args.smooth)

@@ -22,6 +22,8 @@
 #
 # Usage: bash examples/run_demo_world_cpu.sh [extra hydra overrides...]
 #   TASK=add3_scratch          a task of the local demo (`tip-verl demo --task`)
+#   ROUTE=advantage            advantage: tip_opd (default); loss: the local loss route with forward KL, as
+#                              verl's top-k distillation loss over the whole vocabulary (tip_forward_kl_topk)
 #   STEPS=100                  training steps (default: the local demo's); the train split holds exactly these
 #   VAL_EVERY=25               validation interval (default: the local demo's eval_every)
 #   WORLD_DIR=... OUT_DIR=...  the exported world / run outputs (metrics.jsonl, checkpoints)
@@ -41,7 +43,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}
 
-python3 -m tip_verl.cpu.export_world --task "${TASK}" --out "${WORLD_DIR}" ${STEPS:+--steps "${STEPS}"}
+python3 -m tip_verl.cpu.export_world --task "${TASK}" --route "${ROUTE:-advantage}" --out "${WORLD_DIR}" \
+    ${STEPS:+--steps "${STEPS}"}
 mapfile -t LOCAL_LOOP < "${WORLD_DIR}/verl_overrides.txt"  # the local loop's settings as verl keys
 if [[ -n "${VAL_EVERY:-}" ]]; then LOCAL_LOOP+=(trainer.test_freq="${VAL_EVERY}"); fi
 

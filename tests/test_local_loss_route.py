@@ -10,7 +10,8 @@ import torch
 
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
-from tip_verl.local.loop import LoopConfig, policy_loss_mask, train
+from tip_verl.core.distill_losses import TipLossConfig
+from tip_verl.local.loop import LoopConfig, distilled_mask, outcome_routes, policy_loss_mask, train
 from tip_verl.local.rollout import head_logprobs_and_entropy, response_hidden, sample
 
 from test_local_loop import SMOKE, _copy, reverse_kl_to_teacher, task_and_models  # noqa: F401  (fixture)
@@ -51,8 +52,71 @@ def test_policy_loss_covers_the_tokens_each_route_gives_it(route, mix, expected)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     selected = torch.tensor([[True, False, False, False], [False, True, False, False]])
     config = LoopConfig(route=route, tip=TipConfig(mix=mix))
-    assert policy_loss_mask(config, mask, _tokens(selected)).tolist() == expected
-    assert policy_loss_mask(dataclasses.replace(config, adv_estimator="grpo"), mask, None).tolist() == mask.tolist()
+    tokens = _tokens(selected)
+    distilled = distilled_mask(config, mask, tokens, outcome_routes(config, torch.tensor([1.0, 0.0])))
+    assert distilled.tolist() == ((mask * selected).tolist() if route == "loss" else [[0] * 4] * 2)
+    assert policy_loss_mask(config, mask, tokens, distilled).tolist() == expected
+    grpo = dataclasses.replace(config, adv_estimator="grpo")
+    assert policy_loss_mask(grpo, mask, None, torch.zeros_like(mask)).tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize(
+    "correct_loss, wrong_loss, expected",
+    [
+        (None, None, {"reverse_kl": [True, True, True]}),
+        ("reverse_kl", None, {"reverse_kl": [True, True, True]}),
+        ("none", None, {"reverse_kl": [False, True, False]}),
+        ("forward_kl", "jsd", {"forward_kl": [True, False, True], "jsd": [False, True, False]}),
+        ("forward_kl", "none", {"forward_kl": [True, False, True]}),
+    ],
+)
+def test_outcome_routing_gives_each_rollout_the_divergence_of_its_outcome(correct_loss, wrong_loss, expected):
+    config = LoopConfig(tip_loss=TipLossConfig(correct_loss=correct_loss, wrong_loss=wrong_loss))
+    routes = outcome_routes(config, torch.tensor([1.0, 0.0, 1.0]))  # rollouts 0 and 2 correct
+    assert {name: rows.tolist() for name, rows in routes.items()} == expected
+
+
+def test_selected_tokens_of_a_rollout_routed_to_none_get_the_grpo_advantage_under_replace():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    selected = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    config = LoopConfig(tip=TipConfig(mix="replace"), tip_loss=TipLossConfig(correct_loss="none"))
+    routes = outcome_routes(config, torch.tensor([1.0, 0.0]))  # rollout 0 correct: no teacher term
+    distilled = distilled_mask(config, mask, _tokens(selected), routes)
+    assert distilled.tolist() == [[0, 0, 0, 0], [0, 1, 0, 0]]
+    assert policy_loss_mask(config, mask, _tokens(selected), distilled).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    teacher_only = dataclasses.replace(config, tip=TipConfig(mix="teacher_only"))
+    assert policy_loss_mask(teacher_only, mask, _tokens(selected), distilled).tolist() == [[0] * 4] * 2
+
+
+def test_outcome_routing_to_the_default_divergence_by_name_trains_exactly_as_no_routing(task_and_models, tmp_path):
+    task, teacher, _ = task_and_models
+    config = dataclasses.replace(LOSS_SMOKE, steps=2, loss="forward_kl")
+    routed = dataclasses.replace(config, tip_loss=TipLossConfig(correct_loss="forward_kl", wrong_loss="forward_kl"))
+    losses = []
+    for run, cfg in (("plain", config), ("routed", routed)):
+        student = _copy(task_and_models[2])
+        assert train(cfg, tmp_path / run, teacher, student) == "completed"
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["actor/loss"] for r in records[1:]])
+    assert losses[0] == losses[1] and all(loss > 0 for loss in losses[0])
+
+
+def test_an_annealed_teacher_coefficient_leaves_no_loss_after_the_anneal(task_and_models, tmp_path):
+    task, teacher, student = task_and_models
+    annealed = TipLossConfig(schedule="linear", anneal_steps=1, final_coef=0.0)  # 1 at step 1, 0 from step 2
+    config = dataclasses.replace(LOSS_SMOKE, steps=2, tip_loss=annealed)
+    assert train(config, tmp_path, teacher, _copy(student)) == "completed"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["actor/loss"] > 0.01 and records[2]["actor/loss"] == 0.0
+
+
+def test_tip_loss_settings_off_the_loss_route_or_with_no_teacher_term_are_refused():
+    with pytest.raises(ValueError, match="route='loss'"):
+        LoopConfig(route="advantage", tip_loss=TipLossConfig(correct_loss="none"))
+    with pytest.raises(ValueError, match="correct_loss and wrong_loss"):
+        LoopConfig(tip_loss=TipLossConfig(correct_loss="none", wrong_loss="none"))
+    with pytest.raises(ValueError, match="k3"):
+        LoopConfig(tip_loss=TipLossConfig(wrong_loss="k3"))
 
 
 def test_student_logprobs_use_the_sampling_temperature(task_and_models):

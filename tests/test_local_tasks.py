@@ -10,7 +10,7 @@ import torch
 
 from tip_verl.cli import main
 from tip_verl.local.assets import BelowTarget, load_role, max_positions
-from tip_verl.local.evaluate import greedy_accuracy
+from tip_verl.local.evaluate import evaluation, greedy_accuracy
 from tip_verl.local.models import ModelSize, build_model, save_model
 from tip_verl.local.plans import SftPlan
 from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
@@ -35,6 +35,31 @@ def test_reversed_solution_and_checker():
     assert task.solution((482, 596)) == ";8701"
     assert task.check((482, 596), ";8701") == 1.0
     assert task.check((482, 596), ";1078") == 0.0
+
+
+def test_the_flawed_teacher_is_taught_to_drop_the_final_carry_of_four_digit_sums_only():
+    task = get_task("add3_scratch_flawed")
+    assert task.reference("teacher")((482, 596)) == "2+6=8,8+9=17,4+5+1=10;078"
+    assert task.reference("student")((482, 596)) == task.solution((482, 596)) == "2+6=8,8+9=17,4+5+1=10;1078"
+    assert task.check((482, 596), task.reference("teacher")((482, 596))) == 0.0
+    assert task.reference("teacher")((123, 456)) == task.solution((123, 456))
+    assert task.teacher_is_wrong((500, 500)) and not task.teacher_is_wrong((499, 500))
+    assert not get_task("add3_scratch").teacher_is_wrong((482, 596))
+
+
+def test_the_shipped_flawed_teacher_makes_its_mistake_and_no_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIP_VERL_CACHE", str(tmp_path))
+    task = get_task("add3_scratch_flawed")
+    teacher, _ = load_role(task, "teacher")
+    problems = task.heldout(256)
+    metrics = evaluation(teacher, task, problems)
+    wrong = sum(map(task.teacher_is_wrong, problems))
+    assert 0.4 < wrong / len(problems) < 0.6  # sums >= 1000: about half
+    assert metrics["eval/accuracy_teacher_wrong"] <= 0.02 and metrics["eval/accuracy_teacher_right"] >= 0.95, metrics
+    by_parts = (wrong * metrics["eval/accuracy_teacher_wrong"]
+                + (len(problems) - wrong) * metrics["eval/accuracy_teacher_right"]) / len(problems)
+    assert abs(metrics["eval/accuracy"] - by_parts) < 1e-9
+    assert "eval/accuracy_teacher_wrong" not in evaluation(teacher, get_task("add3_scratch"), problems[:8])
 
 
 def test_every_task_solves_itself_within_its_budget():

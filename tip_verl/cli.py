@@ -30,6 +30,7 @@ Teacher and student come from the package's shipped checkpoints, or from the use
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from tip_verl.core.schedule import SCHEDULE_NAMES
     from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES
     from tip_verl.local.loop import ADV_ESTIMATORS, RANK_BY, ROUTES, LoopConfig
     from tip_verl.local.tasks import TASKS
@@ -69,6 +70,18 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      "selected tokens; replace / add: hybrid with GRPO (default: %(default)s)")
     tip.add_argument("--divergence", default=defaults.tip.divergence, choices=DIVERGENCE_NAMES, help="(default: %(default)s)")
     tip.add_argument("--coef", type=float, default=defaults.tip.coef, help="teacher reward weight (default: %(default)s)")
+    tip_loss = parser.add_argument_group("loss route outcome routing and teacher schedule (verl's algorithm.tip_loss)")
+    routing = ["none", *DIVERGENCE_LOSS_NAMES]
+    tip_loss.add_argument("--correct-loss", default=None, choices=routing,
+                          help="divergence for rollouts the checker accepts; none: no teacher term, with --mix replace "
+                          "their selected tokens get the GRPO advantage (TRACE routing; default: --loss)")
+    tip_loss.add_argument("--wrong-loss", default=None, choices=routing,
+                          help="the same for rollouts the checker rejects (default: --loss)")
+    tip_loss.add_argument("--teacher-schedule", default="constant", choices=SCHEDULE_NAMES,
+                          help="teacher-coefficient schedule: warmup_anneal keeps it for --teacher-warmup-steps, then "
+                          "takes it linearly to 0 over --teacher-anneal-steps (default: %(default)s)")
+    tip_loss.add_argument("--teacher-warmup-steps", type=int, default=0, help="(default: %(default)s)")
+    tip_loss.add_argument("--teacher-anneal-steps", type=int, default=0, help="(default: %(default)s)")
     io = parser.add_argument_group("output and models")
     io.add_argument("--out", type=Path, default=Path("tip-verl-demo"), help="output folder (default: %(default)s)")
     io.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -78,6 +91,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_config(args: argparse.Namespace):
     from tip_verl.core.config import TipConfig
+    from tip_verl.core.distill_losses import TipLossConfig
     from tip_verl.local.loop import LoopConfig
 
     saved = args.out / "config.json"
@@ -89,7 +103,11 @@ def demo_config(args: argparse.Namespace):
         config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
                             prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
-                            temperature=args.temperature, route=args.route, loss=args.loss, rank_by=args.rank_by)
+                            temperature=args.temperature, route=args.route, loss=args.loss, rank_by=args.rank_by,
+                            tip_loss=TipLossConfig(correct_loss=args.correct_loss, wrong_loss=args.wrong_loss,
+                                                   schedule=args.teacher_schedule,
+                                                   warmup_steps=args.teacher_warmup_steps,
+                                                   anneal_steps=args.teacher_anneal_steps))
     if args.steps is not None:
         config.steps = args.steps
     return config

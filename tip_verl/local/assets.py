@@ -61,7 +61,7 @@ def train_and_save(task: Task, role: str, root: Path, log: Callable[[str], None]
     size, plan, _ = task.plan.role(role)
     log(f"training the {role} of {task.name} ({size}) ...")
     torch.manual_seed(MODEL_SEED)
-    model, card = supervised_train(task, size, plan, MODEL_SEED, max_positions(task), log=log)
+    model, card = supervised_train(task, size, plan, MODEL_SEED, max_positions(task), log=log, role=role)
     check_target(task, role, card, "just trained")
     path = root / task.name / role
     save_model(model, size, path, {"task": task.name, "role": role, "params": count_params(model), **card})

@@ -9,24 +9,42 @@ from tip_verl.local.tasks import Problem, Task
 
 
 @torch.no_grad()
-def greedy_accuracy(model: torch.nn.Module, task: Task, problems: list[Problem], batch_size: int = 256) -> float:
-    """Share of `problems` whose greedy response the task's checker accepts."""
+def greedy_scores(model: torch.nn.Module, task: Task, problems: list[Problem], batch_size: int = 256) -> list[float]:
+    """The task checker's score (1.0 / 0.0) of the greedy response to each of `problems`."""
     was_training = model.training
     model.eval()
-    tokenizer, correct = task.tokenizer(), 0.0
+    tokenizer, scores = task.tokenizer(), []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         rollout = sample(model, tokenizer, [task.prompt(p) for p in chunk], task.max_new_tokens, greedy=True)
-        correct += sum(task.check(p, tokenizer.decode(r)) for p, r in zip(chunk, rollout.responses))
+        scores += [task.check(p, tokenizer.decode(r)) for p, r in zip(chunk, rollout.responses)]
     model.train(was_training)
-    return correct / len(problems)
+    return scores
 
 
-def reference_batch(task: Task, problems: list[Problem]) -> Rollout:
-    """The reference responses (+ EOS) of `problems` laid out like a rollout, for supervised training."""
-    tokenizer = task.tokenizer()
+def greedy_accuracy(model: torch.nn.Module, task: Task, problems: list[Problem], batch_size: int = 256) -> float:
+    """Share of `problems` whose greedy response the task's checker accepts."""
+    return sum(greedy_scores(model, task, problems, batch_size)) / len(problems)
+
+
+def evaluation(model: torch.nn.Module, task: Task, problems: list[Problem], prefix: str = "eval/") -> dict:
+    """`<prefix>accuracy` on `problems`; for a task whose teacher has a known mistake, also the accuracy on the
+    problems the teacher was taught wrong (`accuracy_teacher_wrong`) and on the others (`accuracy_teacher_right`)."""
+    scores = greedy_scores(model, task, problems)
+    metrics = {f"{prefix}accuracy": sum(scores) / len(scores)}
+    if task.teacher_solution is not None:
+        wrong = [task.teacher_is_wrong(p) for p in problems]
+        for name, part in (("teacher_wrong", True), ("teacher_right", False)):
+            picked = [s for s, w in zip(scores, wrong) if w == part]
+            metrics[f"{prefix}accuracy_{name}"] = sum(picked) / max(1, len(picked))
+    return metrics
+
+
+def reference_batch(task: Task, problems: list[Problem], role: str = "student") -> Rollout:
+    """The responses (+ EOS) `role` is taught for `problems`, laid out like a rollout, for supervised training."""
+    tokenizer, solution = task.tokenizer(), task.reference(role)
     prompt_ids, prompt_mask = tokenizer.encode_prompts([task.prompt(p) for p in problems])
-    rows = [tokenizer.encode(task.solution(p)) + [tokenizer.eos_id] for p in problems]
+    rows = [tokenizer.encode(solution(p)) + [tokenizer.eos_id] for p in problems]
     responses = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         responses[i, : len(row)] = torch.tensor(row)

@@ -36,7 +36,9 @@ from verl.workers.config.actor import ActorConfig
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
+from tip_verl.core.distill_losses import ROUTE_DROP, TipLossConfig
 from tip_verl.core.metrics import tip_metrics
+from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.scores import divergence_estimate
 from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES, exact_token_kl, selected_token_divergence
 from tip_verl.local.checkpoint import (
@@ -45,7 +47,7 @@ from tip_verl.local.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tip_verl.local.evaluate import greedy_accuracy
+from tip_verl.local.evaluate import evaluation
 from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations
 from tip_verl.local.rollout import (
@@ -77,6 +79,10 @@ class LoopConfig:
         the paper's d_t) or `sampled` (the sampled-token estimate `tip.divergence`, what verl's teacher allows).
         The advantage route always ranks on the sampled-token estimate, as tip_opd does in verl.
     warmup_steps: the learning rate rises linearly to `lr` over these steps, then stays.
+    tip_loss: the keys of verl's `algorithm.tip_loss` the loss route honours: TRACE outcome routing
+        (`correct_loss` / `wrong_loss`: null = `loss`, 'none', or a `loss` name, per rollout by its outcome; with
+        mix=replace, the selected tokens of a rollout routed to 'none' get the GRPO advantage instead) and the
+        teacher-coefficient schedule (`schedule`, `warmup_steps`, `anneal_steps`, `final_coef`).
     """
 
     task: str = DEFAULT_TASK
@@ -85,6 +91,7 @@ class LoopConfig:
     loss: str = "reverse_kl"
     rank_by: str = "exact_kl"
     tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
+    tip_loss: TipLossConfig = field(default_factory=TipLossConfig)
     norm_adv_by_std_in_grpo: bool = True
     steps: int = 300
     prompts_per_step: int = 8
@@ -106,6 +113,8 @@ class LoopConfig:
     def __post_init__(self):
         if isinstance(self.tip, dict):
             self.tip = TipConfig.from_any(self.tip)
+        if isinstance(self.tip_loss, dict):
+            self.tip_loss = TipLossConfig.from_any(self.tip_loss)
         for name, value, choices in (
             ("adv_estimator", self.adv_estimator, ADV_ESTIMATORS),
             ("route", self.route, ROUTES),
@@ -116,6 +125,13 @@ class LoopConfig:
                 raise ValueError(f"{name}={value!r}; choose one of {list(choices)}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0.")
+        self.tip_loss.check_divergences(DIVERGENCE_LOSS_NAMES, "local loss")
+        if self.tip_loss.correct_loss == ROUTE_DROP and self.tip_loss.wrong_loss == ROUTE_DROP:
+            raise ValueError("tip_loss.correct_loss and wrong_loss are both 'none': no rollout gets the teacher; "
+                             "route one outcome to a divergence, or use adv_estimator='grpo'.")
+        if self.route == "advantage" and self.tip_loss != TipLossConfig():
+            raise ValueError("tip_loss (outcome routing, teacher schedule) applies to the loss route; set route='loss' "
+                             "(--route loss) or leave tip_loss at its defaults.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,21 +219,42 @@ def loss_route_tokens(
     )
 
 
-def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens]) -> torch.Tensor:
+def outcome_routes(config: LoopConfig, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Which rollouts get which divergence on the loss route: {loss name: bool (N,)}, by each rollout's outcome
+    score (N,) and `tip_loss.correct_loss` / `wrong_loss` (null: `loss`; 'none': no divergence)."""
+    correct = scores > config.tip_loss.correct_threshold
+    routes: dict[str, torch.Tensor] = {}
+    for rows, name in ((correct, config.tip_loss.correct_loss), (~correct, config.tip_loss.wrong_loss)):
+        name = config.loss if name is None else name
+        if name != ROUTE_DROP:
+            routes[name] = routes.get(name, torch.zeros_like(rows)) | rows
+    return routes
+
+
+def distilled_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens],
+                   routes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens that get the full-vocabulary divergence on the loss route: selected, of a routed rollout. (N, T)."""
+    if tokens is None or config.route != "loss" or not routes:
+        return torch.zeros_like(response_mask)
+    routed = torch.stack(list(routes.values())).any(dim=0)
+    return response_mask * tokens.selected * routed.unsqueeze(-1)
+
+
+def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens],
+                     distilled: torch.Tensor) -> torch.Tensor:
     """The tokens verl's policy loss averages over. (N, T).
 
     grpo, and mix=add: every response token. Advantage route: with mix=teacher_only the unselected tokens carry
     no signal (advantage 0) and are left out, as TIP drops them, so the token mean is over the selected tokens
     and the step size does not shrink with the ratio; with replace every token carries a signal.
-    Loss route: the selected tokens get the divergence instead, so the policy loss covers the others (replace)
-    or none (teacher_only).
+    Loss route: the `distilled` tokens get the divergence instead, so the policy loss covers the others
+    (replace) or none (teacher_only).
     """
     if tokens is None or config.tip.mix == "add":
         return response_mask
-    selected = response_mask * tokens.selected
     if config.route == "advantage":
-        return selected if config.tip.mix == "teacher_only" else response_mask
-    return response_mask - selected if config.tip.mix == "replace" else torch.zeros_like(response_mask)
+        return response_mask * tokens.selected if config.tip.mix == "teacher_only" else response_mask
+    return response_mask - distilled if config.tip.mix == "replace" else torch.zeros_like(response_mask)
 
 
 def train_step(
@@ -272,7 +309,9 @@ def train_step(
             else:
                 tokens = loss_route_tokens(config, mask, old_log_prob, teacher_logp, entropy, exact_kl, step)
                 advantages = grpo_advantages(config, rewards, mask, uids)
-        trained = policy_loss_mask(config, mask, tokens)
+        routes = outcome_routes(config, scores)
+        distilled = distilled_mask(config, mask, tokens, routes)
+        trained = policy_loss_mask(config, mask, tokens, distilled)
         with timer("loss"):
             # the graph holds full-vocabulary buffers only for the trained tokens
             loss = torch.zeros(())
@@ -288,14 +327,20 @@ def train_step(
                 )
             else:
                 pg_metrics = {}
-            distilled = torch.zeros_like(mask)
-            if tokens is not None and config.route == "loss":
-                distilled = mask * tokens.selected
-                divergence = selected_token_divergence(
-                    hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, distilled.bool(),
-                    loss=config.loss, chunk_size=config.logits_chunk_size, temperature=temperature,
+            if distilled.any():
+                teacher_coef = config.tip.coef * teacher_coef_multiplier(
+                    step - 1, config.tip_loss.schedule, config.tip_loss.warmup_steps, config.tip_loss.anneal_steps,
+                    config.tip_loss.final_coef,
                 )
-                loss = loss + config.tip.coef * divergence.sum() / divergence.numel()
+                divergence_sum = sum(
+                    selected_token_divergence(
+                        hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
+                        (distilled * rows.unsqueeze(-1)).bool(), loss=name, chunk_size=config.logits_chunk_size,
+                        temperature=temperature,
+                    ).sum()
+                    for name, rows in routes.items()
+                )
+                loss = loss + teacher_coef * divergence_sum / distilled.sum()
 
     with timer("update"):
         for group in optimizer.param_groups:
@@ -370,8 +415,8 @@ def train(
     if start == 0:
         write({
             "step": 0,
-            "eval/accuracy": greedy_accuracy(student, task, eval_problems),
-            "eval/teacher_accuracy": greedy_accuracy(teacher, task, eval_problems),
+            **evaluation(student, task, eval_problems),
+            **evaluation(teacher, task, eval_problems, prefix="eval/teacher_"),
         })
 
     step = start
@@ -383,7 +428,7 @@ def train(
             if step % config.eval_every == 0 or step == config.steps:
                 timer = PhaseTimer()
                 with timer("eval"):
-                    metrics["eval/accuracy"] = greedy_accuracy(student, task, eval_problems)
+                    metrics.update(evaluation(student, task, eval_problems))
                 metrics.update(timer.metrics())
             metrics["mem/max_rss_mb"] = max_rss_mb()
             write({"step": step, **metrics})

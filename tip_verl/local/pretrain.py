@@ -33,8 +33,9 @@ def supervised_train(
     seed: int,
     max_positions: int,
     log: Callable[[str], None] = print,
+    role: str = "student",
 ) -> tuple[torch.nn.Module, dict]:
-    """Train a fresh model of `size` on the task's reference responses; returns it and a card of the run."""
+    """Train a fresh model of `size` on the responses the task teaches `role`; returns it and a card of the run."""
     model = build_model(size, task.tokenizer(), max_positions, seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
@@ -45,7 +46,7 @@ def supervised_train(
     for step in range(1, plan.max_steps + 1):
         problems = [task.sample(rng, easy=plan.easy_share > 0 and rng.random() < plan.easy_share)
                     for _ in range(plan.batch_size)]
-        batch = reference_batch(task, problems)
+        batch = reference_batch(task, problems, role)
         logp, _ = logprobs_and_entropy(model, batch)
         loss = -(logp * batch.response_mask).sum() / batch.response_mask.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ class Task:
     draw: a random problem. prompt / solution: the texts of a problem (solution: the reference response
     the teacher learns, without EOS). answer: the string the checker expects at the end of the response.
     plan: how the task's teacher and student are trained, and the accuracy each must reach.
+    teacher_solution: the response the teacher learns instead of `solution` (None: `solution`): a teacher with a
+    known, systematic mistake on the problems where the two differ (`teacher_is_wrong`).
     draw_easy: an easier problem that shows the model where to look (None: the task has none); the plan's
     `easy_share` of each supervised batch is drawn from it.
     """
@@ -41,6 +43,15 @@ class Task:
     answer_separator: str
     plan: TrainPlan = TrainPlan()
     draw_easy: Optional[Callable[[random.Random], Problem]] = None
+    teacher_solution: Optional[Callable[[Problem], str]] = None
+
+    def reference(self, role: str) -> Callable[[Problem], str]:
+        """The response `role` ("teacher" or "student") is trained to write."""
+        return self.teacher_solution if role == "teacher" and self.teacher_solution else self.solution
+
+    def teacher_is_wrong(self, problem: Problem) -> bool:
+        """Whether the teacher was taught a wrong response for `problem` (never, without `teacher_solution`)."""
+        return self.teacher_solution is not None and self.teacher_solution(problem) != self.solution(problem)
 
     def check(self, problem: Problem, response: str) -> float:
         """Outcome reward: 1.0 if the text after the last answer separator is the right answer, else 0.0."""
@@ -158,6 +169,29 @@ def addition_reversed(width: int) -> Task:
     )
 
 
+def addition_scratchpad_flawed_teacher(width: int) -> Task:
+    """`add{width}_scratch` with a teacher that has a known, systematic mistake: when the sum has `width` + 1
+    digits, it drops the final carry from the answer ("4+5+1=10;1078" -> "4+5+1=10;078"). Its scratchpad is
+    right everywhere; its answer is wrong on about half of the problems (those whose sum is >= 10**width).
+
+    On-policy distillation from it inherits the mistake; only the outcome reward can take the student past it.
+    The student is `add{width}_scratch`'s (same plan, same seed). The teacher is trained on its flawed responses
+    for the whole plan (no early stop); its target is on the real task's checker, so about 50%.
+    """
+    base = addition_scratchpad(width)
+
+    def dropped_final_carry(p: Problem) -> str:
+        total = p[0] + p[1]
+        if total < 10**width:
+            return base.solution(p)
+        return base.solution(p).rsplit(";", 1)[0] + f";{total % 10**width:0{width}d}"
+
+    teacher = replace(DEFAULT_TEACHER_PLAN, stop_at=None)
+    return replace(base, name=f"add{width}_scratch_flawed", teacher_solution=dropped_final_carry,
+                   plan=replace(base.plan, teacher=teacher, teacher_target=0.45))
+
+
 register_task(addition_scratchpad(3))
 register_task(addition_reversed(3))
+register_task(addition_scratchpad_flawed_teacher(3))
 DEFAULT_TASK = "add3_scratch"
