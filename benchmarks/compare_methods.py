@@ -93,7 +93,7 @@ def summarize_run(folder: Path, steps: int) -> dict:
         "tokens_in_loss": statistics.mean(r["tokens/trained_fraction"] for r in trained),
         "activations_mb": max(r["mem/saved_activations_mb"] for r in trained),
         "rss_mb": max(r["mem/max_rss_mb"] for r in trained),
-        "s_per_step": statistics.mean(r["time/step"] for r in trained),
+        "s_per_step": statistics.median(r["time/step"] for r in trained),  # robust to a pause or a load burst
         "curve": sorted(evals.items()),
     }
 

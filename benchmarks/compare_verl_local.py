@@ -4,8 +4,11 @@ Both start from the task's shipped teacher and warm-started student with the loc
 defaults, `--steps` and `--eval-every` aside). The local loop runs once per `--seeds` entry (its seed-to-seed
 spread is the yardstick); verl runs `examples/run_demo_world_cpu.sh` once, on the world
 `python -m tip_verl.cpu.export_world` writes (the local loop's seed-0 problems, in its order). One figure: held-out
-greedy accuracy and KL(student || teacher) per token on the student's own samples (the sampled-token k1, the
-local `kl/teacher` and verl's `-tip/teacher_reward/mean`; moving average over `--smooth` steps) against the step.
+greedy accuracy and KL to the teacher on the student's own samples (moving average over `--smooth` steps)
+against the step: on the advantage route KL(student || teacher) per token, the sampled-token k1 (the local
+`kl/teacher`, verl's `-tip/teacher_reward/mean`); on the loss route (`--route loss`, forward KL over the
+vocabulary, verl's `tip_forward_kl_topk` at topk = vocabulary) the loss at the selected tokens (the local
+`actor/loss`, verl's `tip_loss/selected_loss_mean`).
 Prints the accuracy at each evaluation, the gap between verl and the local mean, and whether it lies within the
 local seeds' range.
 
@@ -72,18 +75,29 @@ def verl_run(task: str, route: str, steps: int, eval_every: int, out: Path) -> P
     return metrics
 
 
-def local_curves(records: list[dict]) -> tuple[dict[int, float], dict[int, float]]:
+# The KL curve of each route, (local key, verl key, sign, label): on the advantage route the sampled-token k1 on
+# every response token; on the loss route the loss itself, the forward KL over the vocabulary at the selected
+# tokens (each driver ranks its own: the local loop on the exact reverse KL, verl on the current loss).
+KL_CURVES = {
+    "advantage": ("kl/teacher", "tip/teacher_reward/mean", -1.0, "KL(student || teacher) per token, k1"),
+    "loss": ("actor/loss", "tip_loss/selected_loss_mean", 1.0, "KL(teacher || student) at the selected tokens"),
+}
+
+
+def local_curves(records: list[dict], route: str) -> tuple[dict[int, float], dict[int, float]]:
+    key = KL_CURVES[route][0]
     accuracy = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
-    kl = {r["step"]: r["kl/teacher"] for r in records if "kl/teacher" in r}
+    kl = {r["step"]: r[key] for r in records if key in r and r["step"] > 0}
     return accuracy, kl
 
 
-def verl_curves(metrics: Path, world_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+def verl_curves(metrics: Path, world_dir: Path, route: str) -> tuple[dict[int, float], dict[int, float]]:
     from tip_verl.cpu.export_world import WORLD_FILE, read_verl_metrics, validation_curve
 
+    _, key, sign, _ = KL_CURVES[route]
     steps = read_verl_metrics(metrics)
     world = json.loads((world_dir / WORLD_FILE).read_text())
-    kl = {step: -data["tip/teacher_reward/mean"] for step, data in steps.items() if "tip/teacher_reward/mean" in data}
+    kl = {step: sign * data[key] for step, data in steps.items() if key in data}
     return validation_curve(world, steps), kl
 
 
@@ -93,7 +107,8 @@ def smooth(curve: dict[int, float], window: int) -> tuple[list[int], list[float]
     return steps, values
 
 
-def plot(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int, seeds: list[int], path: Path) -> None:
+def plot(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int, seeds: list[int], route: str,
+         path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,8 +124,8 @@ def plot(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int, s
                 label="verl main_ppo (CPU)")
     kl_ax.plot(*smooth(kl, window), color="tab:red", lw=2, label="verl main_ppo (CPU)")
     acc_ax.set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy")
-    kl_ax.set(xlabel="step", ylabel=f"KL(student || teacher) per token, k1, mean of {window} steps",
-              title="KL to the teacher on the student's samples")
+    kl_ax.set(xlabel="step", ylabel=f"{KL_CURVES[route][3]}, mean of {window} steps",
+              title=f"KL to the teacher on the student's samples ({route} route)")
     for ax in (acc_ax, kl_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -133,9 +148,8 @@ def report(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int)
         return statistics.mean(kl[s] for s in sorted(kl)[-window:])
 
     local_kl = [tail_mean(kl) for _, kl in local]
-    verl_kl = f"{tail_mean(verl[1]):.3f}" if verl[1] else "not logged on this route"
     lines.append(f"\nKL to the teacher, last {window} steps: local {statistics.mean(local_kl):.3f} "
-                 f"(seeds {min(local_kl):.3f}-{max(local_kl):.3f}), verl {verl_kl}")
+                 f"(seeds {min(local_kl):.3f}-{max(local_kl):.3f}), verl {tail_mean(verl[1]):.3f}")
     return "\n".join(lines)
 
 
@@ -159,13 +173,13 @@ def main() -> None:
 
     started = time.time()
     local = [local_curves(local_run(args.task, args.route, seed, args.steps, args.eval_every,
-                                    args.out / "local" / f"seed{seed}"))
+                                    args.out / "local" / f"seed{seed}"), args.route)
              for seed in args.seeds]
     print(f"local loop: {len(args.seeds)} runs in {time.time() - started:.0f} s", flush=True)
     verl_dir = args.out / "verl"
     metrics = args.verl_metrics or verl_run(args.task, args.route, args.steps, args.eval_every, verl_dir)
-    verl = verl_curves(metrics, verl_dir / "world")
-    plot(local, verl, args.smooth, args.seeds, args.out / "verl_vs_local.png")
+    verl = verl_curves(metrics, verl_dir / "world", args.route)
+    plot(local, verl, args.smooth, args.seeds, args.route, args.out / "verl_vs_local.png")
     table = report(local, verl, args.smooth)
     (args.out / "report.md").write_text(table + "\n")
     print(table)
