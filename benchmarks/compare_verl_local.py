@@ -8,7 +8,7 @@ greedy accuracy and KL to the teacher on the student's own samples (moving avera
 against the step: on the advantage route KL(student || teacher) per token, the sampled-token k1 (the local
 `kl/teacher`, verl's `-tip/teacher_reward/mean`); on the loss route (`--route loss`, forward KL over the
 vocabulary, verl's `tip_forward_kl_topk` at topk = vocabulary) the loss at the selected tokens (the local
-`actor/loss`, verl's `tip_loss/selected_loss_mean`).
+`actor/loss`, verl's `actor/tip_loss/selected_loss_mean`).
 Prints the accuracy at each evaluation, the gap between verl and the local mean, and whether it lies within the
 local seeds' range.
 
@@ -79,8 +79,8 @@ def verl_run(task: str, route: str, steps: int, eval_every: int, out: Path) -> P
 # every response token; on the loss route the loss itself, the forward KL over the vocabulary at the selected
 # tokens (each driver ranks its own: the local loop on the exact reverse KL, verl on the current loss).
 KL_CURVES = {
-    "advantage": ("kl/teacher", "tip/teacher_reward/mean", -1.0, "KL(student || teacher) per token, k1"),
-    "loss": ("actor/loss", "tip_loss/selected_loss_mean", 1.0, "KL(teacher || student) at the selected tokens"),
+    "advantage": ("kl/teacher", "tip/teacher_reward/mean", -1.0, "KL(student || teacher), k1 per token"),
+    "loss": ("actor/loss", "actor/tip_loss/selected_loss_mean", 1.0, "KL(teacher || student), selected tokens"),
 }
 
 
@@ -115,16 +115,17 @@ def plot(local: list[tuple[dict, dict]], verl: tuple[dict, dict], window: int, s
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (accuracy, kl), seed in zip(local, seeds):
+    for i, (accuracy, kl) in enumerate(local):
+        label = f"local loop, seeds {seeds[0]}-{seeds[-1]}" if i == 0 else None
         acc_ax.plot(sorted(accuracy), [accuracy[s] for s in sorted(accuracy)], color="tab:blue", alpha=0.5,
-                    marker="o", label=f"local loop, seed {seed}")
-        kl_ax.plot(*smooth(kl, window), color="tab:blue", alpha=0.5, label=f"local loop, seed {seed}")
+                    marker="o", label=label)
+        kl_ax.plot(*smooth(kl, window), color="tab:blue", alpha=0.5, label=label)
     accuracy, kl = verl
     acc_ax.plot(sorted(accuracy), [accuracy[s] for s in sorted(accuracy)], color="tab:red", marker="s", lw=2,
                 label="verl main_ppo (CPU)")
     kl_ax.plot(*smooth(kl, window), color="tab:red", lw=2, label="verl main_ppo (CPU)")
     acc_ax.set(xlabel="step", ylabel="held-out greedy accuracy", title="accuracy")
-    kl_ax.set(xlabel="step", ylabel=f"{KL_CURVES[route][3]}, mean of {window} steps",
+    kl_ax.set(xlabel="step", ylabel=f"{KL_CURVES[route][3]} ({window}-step mean)",
               title=f"KL to the teacher on the student's samples ({route} route)")
     for ax in (acc_ax, kl_ax):
         ax.grid(alpha=0.3)

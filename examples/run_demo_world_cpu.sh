@@ -12,8 +12,9 @@
 # Ends with: validation accuracy: <start> -> <end> (teacher <t>) in <N> steps, <S> s
 #
 # How long on 2 shared CPU cores (8 prompts x 8 rollouts, responses up to 30 tokens): 1-5 min of start-up,
-# 5-10 s per step, ~1 min per validation of 256 problems; STEPS=100 VAL_EVERY=25 took 867 s (14.5 min),
-# the demo's default 400 steps take about an hour.
+# 5-10 s per step, ~1 min per validation of 256 problems; STEPS=100 VAL_EVERY=25 took 650 s (ROUTE=loss,
+# 2 cores to itself) to 1295 s (advantage route, the cores shared for 10 steps); the demo's 300 steps take
+# 30-60 minutes.
 #
 # What still differs from the local loop (docs/cpu_mode.md, "The demo's world in verl"): the sampling RNG
 # (other rollouts, so the curves agree within the seed-to-seed spread, not token for token), float reductions
