@@ -1,0 +1,76 @@
+"""Probe of a world design: a student that learned a systematic, confident mistake, taught by a correct teacher.
+
+The student is warm-started by `add3_scratch`'s student plan on the responses of `add3_scratch_flawed`'s teacher
+(it drops the final carry of four-digit sums: `;078` for 1078), then trained by the local loop against
+`add3_scratch`'s correct teacher: once with the demo's defaults (Soft-OR 50%, loss route) and once with GRPO.
+Prints the student's warm-start card, each run's held-out accuracy curve, and the quadrant shares of the
+distillation run's first batch (default median split): does the confident mistake populate Q3, and how fast is
+it corrected?
+
+    nice python benchmarks/probe_mistaken_student.py --out probe-mistaken-student
+
+The student is saved under --out and reused; each run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tip_verl.local.assets import MODEL_SEED, load_role, max_positions
+from tip_verl.local.loop import LoopConfig, train
+from tip_verl.local.models import count_params, load_model, save_model
+from tip_verl.local.pretrain import supervised_train
+from tip_verl.local.tasks import get_task
+
+RUNS = {"soft_or 50%, loss route": {}, "GRPO": {"adv_estimator": "grpo"}}
+
+
+def mistaken_student(out: Path):
+    """The student plan of add3_scratch, trained on the flawed teacher's responses (saved once under `out`)."""
+    path = out / "student"
+    world, flawed = get_task("add3_scratch"), get_task("add3_scratch_flawed")
+    if not path.with_suffix(".safetensors").exists():
+        size, plan, _ = world.plan.role("student")
+        torch.manual_seed(MODEL_SEED)
+        model, card = supervised_train(flawed, size, plan, MODEL_SEED, max_positions(world), role="teacher")
+        save_model(model, size, path, {"task": flawed.name, "role": "mistaken student", "params": count_params(model),
+                                       **card})
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = get_task("add3_scratch")
+    student_path = mistaken_student(args.out)
+    print("student:", json.loads(student_path.with_suffix(".json").read_text()), flush=True)
+    teacher, _ = load_role(world, "teacher")
+    for name, overrides in RUNS.items():
+        folder = args.out / name.replace(" ", "_").replace(",", "").replace("%", "pct")
+        student, _ = load_model(student_path, world.tokenizer())
+        config = LoopConfig(task=world.name, seed=args.seed, steps=args.steps, eval_every=max(1, args.steps // 6),
+                            eval_size=512, **overrides)
+        started = time.time()
+        train(config, folder, teacher, student, resume=True)
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curve = ", ".join(f"{r['step']}: {r['eval/accuracy']:.1%}" for r in records if "eval/accuracy" in r)
+        print(f"{name}: {curve} ({time.time() - started:.0f} s)", flush=True)
+        batch = torch.load(folder / f"batch_step{config.dump_batch_at}.pt")
+        if "quadrant" in batch:
+            valid = batch["response_mask"].bool()
+            shares = {f"Q{k}": f"{(batch['quadrant'][valid] == k).float().mean().item():.1%}" for k in (1, 2, 3, 4)}
+            print(f"  quadrant shares at step {config.dump_batch_at}: {shares}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
