@@ -10,7 +10,8 @@ peak RSS, as mean +- the half-width of the 95% interval of the mean over seeds (
 
     nice python benchmarks/compare_methods.py --out bench-out --route loss --steps 300 --seeds 0 1 2 3 4 --workers 2
 
-Each (route, method, seed) is its own resumable run under <out>/<route>/: run the same command again, in this
+Each (route, method, seed) is its own resumable run under <out>/<route>/ (<out>/<task>/<route>/ for a
+--task other than the default): run the same command again, in this
 session or the next, and finished runs are skipped, unfinished ones resume from their last checkpoint;
 --report-only only aggregates what has finished.
 """
@@ -37,6 +38,8 @@ METHODS = {
     "random 50%": {"tip": {"rule": "random", "ratio": 0.5, "mix": "teacher_only"}},
     "soft_or 50% + GRPO (replace)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}},
     "soft_or 50% + GRPO (add)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "add"}},
+}
+TRACE_METHODS = {  # for --task add3_scratch_flawed, where the outcome reward has to overrule the teacher
     # TRACE outcome routing (loss route): no teacher term on rollouts the checker accepts, GRPO there instead
     "soft_or 50% + GRPO (replace), no teacher on correct": {
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}, "tip_loss": {"correct_loss": "none"}},
@@ -45,14 +48,20 @@ METHODS = {
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"},
         "tip_loss": {"schedule": "warmup_anneal", "warmup_steps": 50, "anneal_steps": 100}},
 }
-DEFAULT_METHODS = [m for m in METHODS if "teacher on correct" not in m and "annealed" not in m]
+ALL_METHODS = {**METHODS, **TRACE_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 SLICES = ("teacher_wrong", "teacher_right")  # final accuracy by slice, for a task whose teacher has a known mistake
 
 
-def run_dir(out: Path, method: str, seed: int, route: str) -> Path:
-    return out / route / method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus") / f"seed{seed}"
+def table_dir(out: Path, route: str, task: str) -> Path:
+    """<out>/<route> on the default task, <out>/<task>/<route> on another: a resumed table never mixes worlds."""
+    return out / ("" if task == DEFAULT_TASK else task) / route
+
+
+def run_dir(out: Path, method: str, seed: int, route: str, task: str) -> Path:
+    name = method.replace(" ", "_").replace("%", "pct").replace("(", "").replace(")", "").replace("+", "plus")
+    return table_dir(out, route, task) / name / f"seed{seed}"
 
 
 def run_one(method: str, seed: int, steps: int, out: str, route: str, task_name: str) -> str:
@@ -64,8 +73,8 @@ def run_one(method: str, seed: int, steps: int, out: str, route: str, task_name:
     from tip_verl.local.tasks import get_task
 
     torch.set_num_threads(1)
-    folder = run_dir(Path(out), method, seed, route)
-    overrides = dict(METHODS[method])
+    folder = run_dir(Path(out), method, seed, route, task_name)
+    overrides = dict(ALL_METHODS[method])
     tip = {"seed": seed, **overrides.pop("tip", {})}
     config = LoopConfig(task=task_name, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
                         checkpoint_every=max(1, steps // 4), tip=tip, route=route, **overrides)
@@ -106,10 +115,11 @@ def fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def report(out: Path, steps: int, seeds: list[int], route: str) -> str:
+def report(out: Path, steps: int, seeds: list[int], route: str, task: str) -> str:
     """Markdown table over methods (mean ± 95% interval over the finished seeds) and curves.png."""
-    summaries = {method: [summarize_run(run_dir(out, method, s, route), steps) for s in seeds
-                          if (run_dir(out, method, s, route) / "done.json").exists()] for method in METHODS}
+    folders = {method: [run_dir(out, method, s, route, task) for s in seeds] for method in ALL_METHODS}
+    summaries = {method: [summarize_run(folder, steps) for folder in runs if (folder / "done.json").exists()]
+                 for method, runs in folders.items()}
     slices = [key for key in SLICES if any(key in r for runs in summaries.values() for r in runs)]
     header = ("| method | seeds | acc @25% | acc @50% | final acc | " + "".join(
         f"final, {key.replace('_', ' ')} | " for key in slices) + "AUC | KL end | tokens in loss | "
@@ -128,7 +138,7 @@ def report(out: Path, steps: int, seeds: list[int], route: str) -> str:
             f"{max(col('activations_mb')):.1f} | {max(col('rss_mb')):.0f} | {statistics.mean(col('s_per_step')):.2f} |"
         )
         curves[method] = runs
-    plot_curves(curves, out / route / "curves.png", route)
+    plot_curves(curves, table_dir(out, route, task) / "curves.png", route)
     return "\n".join(lines)
 
 
@@ -164,7 +174,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS),
                         help="(default: all but the TRACE variants, which are for --task add3_scratch_flawed)")
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS),
                         help="the world; add3_scratch_flawed: a teacher that drops the final carry of four-digit sums "
@@ -175,14 +185,15 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report_only:
         jobs = [(m, s) for s in args.seeds for m in args.methods
-                if not (run_dir(args.out, m, s, args.route) / "done.json").exists()]
+                if not (run_dir(args.out, m, s, args.route, args.task) / "done.json").exists()]
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
             futures = [pool.submit(run_one, m, s, args.steps, str(args.out), args.route, args.task) for m, s in jobs]
             for future in futures:
                 print("finished", future.result(), flush=True)
-    (args.out / args.route).mkdir(parents=True, exist_ok=True)
-    table = report(args.out, args.steps, args.seeds, args.route)
-    (args.out / args.route / "results.md").write_text(table + "\n")
+    folder = table_dir(args.out, args.route, args.task)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = report(args.out, args.steps, args.seeds, args.route, args.task)
+    (folder / "results.md").write_text(table + "\n")
     print(table)
 
 

@@ -50,13 +50,16 @@ def local_run(task: str, route: str, seed: int, steps: int, eval_every: int, out
 
     config = LoopConfig(task=task, seed=seed, steps=steps, eval_every=eval_every, **route_config(route))
     torch.set_num_threads(config.threads)
-    if not (out / "done.json").exists():
+    done = out / "done.json"
+    if done.exists() and json.loads(done.read_text())["route"] != config.route:
+        raise SystemExit(f"{out} holds a local run of another route; use another --out for --route {route}.")
+    if not done.exists():
         world = get_task(task)
         teacher, _ = load_role(world, "teacher")
         student, _ = load_role(world, "student")
         if train(config, out, teacher, student, resume=True) != "completed":
             raise SystemExit(f"local run {out} interrupted; run the command again to resume it.")
-        (out / "done.json").write_text(json.dumps(config.to_dict()))
+        done.write_text(json.dumps(config.to_dict()))
     return read_metrics(out)
 
 
@@ -98,6 +101,8 @@ def verl_curves(metrics: Path, world_dir: Path, route: str) -> tuple[dict[int, f
     steps = read_verl_metrics(metrics)
     world = json.loads((world_dir / WORLD_FILE).read_text())
     kl = {step: sign * data[key] for step, data in steps.items() if key in data}
+    if not kl:
+        raise SystemExit(f"{metrics} has no {key!r}: the {route} route's KL curve needs it (is it a run of the {route} route?).")
     return validation_curve(world, steps), kl
 
 

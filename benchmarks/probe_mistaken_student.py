@@ -65,11 +65,10 @@ def main() -> None:
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curve = ", ".join(f"{r['step']}: {r['eval/accuracy']:.1%}" for r in records if "eval/accuracy" in r)
         print(f"{name}: {curve} ({time.time() - started:.0f} s)", flush=True)
-        batch = torch.load(folder / f"batch_step{config.dump_batch_at}.pt")
-        if "quadrant" in batch:
-            valid = batch["response_mask"].bool()
-            shares = {f"Q{k}": f"{(batch['quadrant'][valid] == k).float().mean().item():.1%}" for k in (1, 2, 3, 4)}
-            print(f"  quadrant shares at step {config.dump_batch_at}: {shares}", flush=True)
+        first_step = next(r for r in records if r["step"] == 1)
+        if "tip/quadrant/q3_share" in first_step:
+            shares = {f"Q{k}": f"{first_step[f'tip/quadrant/q{k}_share']:.1%}" for k in (1, 2, 3, 4)}
+            print(f"  quadrant shares at step 1: {shares}", flush=True)
 
 
 if __name__ == "__main__":
