@@ -51,7 +51,8 @@ TRACE_METHODS = {  # for --task add3_scratch_flawed, where the outcome reward ha
 ALL_METHODS = {**METHODS, **TRACE_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
-SLICES = ("teacher_wrong", "teacher_right")  # final accuracy by slice, for a task whose teacher has a known mistake
+# final accuracy by slice, for a task whose teacher (student) was taught a known mistake
+SLICES = ("teacher_wrong", "teacher_right", "student_wrong", "student_right")
 
 
 def table_dir(out: Path, route: str, task: str) -> Path:
@@ -177,8 +178,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS),
                         help="(default: all but the TRACE variants, which are for --task add3_scratch_flawed)")
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS),
-                        help="the world; add3_scratch_flawed: a teacher that drops the final carry of four-digit sums "
-                        "(the table then adds the final accuracy on the problems it was taught wrong and right)")
+                        help="the world (default: %(default)s); add3_scratch_flawed: a teacher that drops the final "
+                        "carry of four-digit sums, add3_scratch_mistaken: a student that does (the table then adds "
+                        "the final accuracy on the problems that model was taught wrong and right)")
     parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
                         help="how the teacher signal reaches the student (LoopConfig.route)")
     parser.add_argument("--report-only", action="store_true")

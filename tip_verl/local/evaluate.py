@@ -28,13 +28,16 @@ def greedy_accuracy(model: torch.nn.Module, task: Task, problems: list[Problem],
 
 
 def evaluation(model: torch.nn.Module, task: Task, problems: list[Problem], prefix: str = "eval/") -> dict:
-    """`<prefix>accuracy` on `problems`; for a task whose teacher has a known mistake, also the accuracy on the
-    problems the teacher was taught wrong (`accuracy_teacher_wrong`) and on the others (`accuracy_teacher_right`)."""
+    """`<prefix>accuracy` on `problems`; for a task whose teacher (student) was taught a known mistake, also the
+    accuracy on the problems it was taught wrong, `accuracy_teacher_wrong` (`accuracy_student_wrong`), and on
+    the others, `accuracy_teacher_right` (`accuracy_student_right`)."""
     scores = greedy_scores(model, task, problems)
     metrics = {f"{prefix}accuracy": sum(scores) / len(scores)}
-    if task.teacher_solution is not None:
-        wrong = [task.teacher_is_wrong(p) for p in problems]
-        for name, part in (("teacher_wrong", True), ("teacher_right", False)):
+    for role in ("teacher", "student"):
+        if task.taught(role) is None:
+            continue
+        wrong = [task.taught_wrong(role, p) for p in problems]
+        for name, part in ((f"{role}_wrong", True), (f"{role}_right", False)):
             picked = [s for s, w in zip(scores, wrong) if w == part]
             metrics[f"{prefix}accuracy_{name}"] = sum(picked) / max(1, len(picked))
     return metrics

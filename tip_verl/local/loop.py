@@ -93,7 +93,7 @@ class LoopConfig:
     tip: TipConfig = field(default_factory=lambda: TipConfig(rule="soft_or", ratio=0.5, mix="teacher_only"))
     tip_loss: TipLossConfig = field(default_factory=TipLossConfig)
     norm_adv_by_std_in_grpo: bool = True
-    steps: int = 300
+    steps: int = 600
     prompts_per_step: int = 8
     group_size: int = 8
     temperature: float = 1.0

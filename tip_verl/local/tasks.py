@@ -29,6 +29,8 @@ class Task:
     plan: how the task's teacher and student are trained, and the accuracy each must reach.
     teacher_solution: the response the teacher learns instead of `solution` (None: `solution`): a teacher with a
     known, systematic mistake on the problems where the two differ (`teacher_is_wrong`).
+    student_solution: the same for the student's warm start (`student_is_wrong`): a student that arrives with a
+    systematic, confident mistake for the teacher to correct.
     draw_easy: an easier problem that shows the model where to look (None: the task has none); the plan's
     `easy_share` of each supervised batch is drawn from it.
     """
@@ -44,14 +46,28 @@ class Task:
     plan: TrainPlan = TrainPlan()
     draw_easy: Optional[Callable[[random.Random], Problem]] = None
     teacher_solution: Optional[Callable[[Problem], str]] = None
+    student_solution: Optional[Callable[[Problem], str]] = None
+
+    def taught(self, role: str) -> Optional[Callable[[Problem], str]]:
+        """The flawed response `role` ("teacher" or "student") is taught instead of `solution`, if any."""
+        if role not in ("teacher", "student"):
+            raise ValueError(f"role={role!r}; choose 'teacher' or 'student'.")
+        return self.teacher_solution if role == "teacher" else self.student_solution
 
     def reference(self, role: str) -> Callable[[Problem], str]:
         """The response `role` ("teacher" or "student") is trained to write."""
-        return self.teacher_solution if role == "teacher" and self.teacher_solution else self.solution
+        return self.taught(role) or self.solution
+
+    def taught_wrong(self, role: str, problem: Problem) -> bool:
+        """Whether `role` was taught a wrong response for `problem` (never, without a flawed reference)."""
+        flawed = self.taught(role)
+        return flawed is not None and flawed(problem) != self.solution(problem)
 
     def teacher_is_wrong(self, problem: Problem) -> bool:
-        """Whether the teacher was taught a wrong response for `problem` (never, without `teacher_solution`)."""
-        return self.teacher_solution is not None and self.teacher_solution(problem) != self.solution(problem)
+        return self.taught_wrong("teacher", problem)
+
+    def student_is_wrong(self, problem: Problem) -> bool:
+        return self.taught_wrong("student", problem)
 
     def check(self, problem: Problem, response: str) -> float:
         """Outcome reward: 1.0 if the text after the last answer separator is the right answer, else 0.0."""
@@ -179,19 +195,45 @@ def addition_scratchpad_flawed_teacher(width: int) -> Task:
     for the whole plan (no early stop); its target is on the real task's checker, so about 50%.
     """
     base = addition_scratchpad(width)
+    teacher = replace(DEFAULT_TEACHER_PLAN, stop_at=None)
+    return replace(base, name=f"add{width}_scratch_flawed", teacher_solution=dropped_final_carry(base, width),
+                   plan=replace(base.plan, teacher=teacher, teacher_target=0.45))
 
-    def dropped_final_carry(p: Problem) -> str:
+
+# Where the mistaken student's warm start stops: later, it is more confident (more Q3 tokens at step 1) and
+# slower to correct; sooner, it has not learned the mistake yet (docs/demo.md, "Why this world").
+MISTAKEN_STUDENT_STOP_AT = 0.45
+
+
+def addition_scratchpad_mistaken_student(width: int) -> Task:
+    """`add{width}_scratch` with the correct teacher and a student warm-started on `add{width}_scratch_flawed`'s
+    mistake: it drops the final carry of sums with `width` + 1 digits, confidently ("...=10;078" for 1078).
+
+    The warm start stops at its first evaluation at or above STOP_AT on the real checker (it can reach about 50%:
+    the other half is always wrong). The student then meets each four-digit sum with a confident wrong token
+    that the teacher contradicts (Q3, "overconfident and wrong"), which an outcome reward rarely sees corrected:
+    the student almost never samples the right digit there (docs/demo.md).
+    """
+    base = addition_scratchpad(width)
+    student = replace(base.plan.student, stop_at=MISTAKEN_STUDENT_STOP_AT)
+    return replace(base, name=f"add{width}_scratch_mistaken", student_solution=dropped_final_carry(base, width),
+                   plan=replace(base.plan, student=student))
+
+
+def dropped_final_carry(base: Task, width: int) -> Callable[[Problem], str]:
+    """`base`'s scratchpad solution, with the final carry dropped from the answer of sums >= 10**width."""
+
+    def solution(p: Problem) -> str:
         total = p[0] + p[1]
         if total < 10**width:
             return base.solution(p)
         return base.solution(p).rsplit(";", 1)[0] + f";{total % 10**width:0{width}d}"
 
-    teacher = replace(DEFAULT_TEACHER_PLAN, stop_at=None)
-    return replace(base, name=f"add{width}_scratch_flawed", teacher_solution=dropped_final_carry,
-                   plan=replace(base.plan, teacher=teacher, teacher_target=0.45))
+    return solution
 
 
 register_task(addition_scratchpad(3))
 register_task(addition_reversed(3))
 register_task(addition_scratchpad_flawed_teacher(3))
-DEFAULT_TASK = "add3_scratch"
+register_task(addition_scratchpad_mistaken_student(3))
+DEFAULT_TASK = "add3_scratch_mistaken"
