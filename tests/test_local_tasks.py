@@ -10,7 +10,7 @@ import torch
 
 from tip_verl.cli import main
 from tip_verl.local.assets import BelowTarget, load_role, max_positions
-from tip_verl.local.evaluate import evaluation, greedy_accuracy
+from tip_verl.local.evaluate import evaluation, greedy_accuracy, reference_batch
 from tip_verl.local.models import ModelSize, build_model, save_model
 from tip_verl.local.plans import SftPlan
 from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
@@ -60,6 +60,35 @@ def test_the_shipped_flawed_teacher_makes_its_mistake_and_no_other(tmp_path, mon
                 + (len(problems) - wrong) * metrics["eval/accuracy_teacher_right"]) / len(problems)
     assert abs(metrics["eval/accuracy"] - by_parts) < 1e-9
     assert "eval/accuracy_teacher_wrong" not in evaluation(teacher, get_task("add3_scratch"), problems[:8])
+
+
+def test_the_shipped_mistaken_student_drops_the_final_carry_confidently_where_the_teacher_does_not(tmp_path,
+                                                                                                monkeypatch):
+    """The mechanism that puts tokens in Q3: on four-digit sums the student is confident of a wrong first answer
+    digit that the teacher contradicts; everywhere else it is often right."""
+    monkeypatch.setenv("TIP_VERL_CACHE", str(tmp_path))
+    task = get_task("add3_scratch_mistaken")
+    assert task.reference("student")((482, 596)) == "2+6=8,8+9=17,4+5+1=10;078"
+    assert task.reference("teacher")((482, 596)) == task.solution((482, 596))
+    assert task.student_is_wrong((500, 500)) and not task.teacher_is_wrong((500, 500))
+    teacher, _ = load_role(task, "teacher")
+    student, _ = load_role(task, "student")
+    problems = task.heldout(256)
+    metrics = evaluation(student, task, problems)
+    assert metrics["eval/accuracy_student_wrong"] == 0.0 and metrics["eval/accuracy_student_right"] >= 0.7, metrics
+    four_digit = [p for p in problems  # whose dropped-carry answer does not start with a 1 anyway
+                  if task.student_is_wrong(p) and task.reference("student")(p).split(";")[1][0] != "1"][:64]
+    batch = reference_batch(task, four_digit, role="student")  # the student's own mistaken responses
+    with torch.no_grad():
+        log_ps = torch.log_softmax(response_logits(student, batch), dim=-1)
+        log_pt = torch.log_softmax(response_logits(teacher, batch), dim=-1)
+    first_answer_digit = torch.tensor([len(task.reference("student")(p).split(";")[0]) + 1 for p in four_digit])
+    rows, one = torch.arange(len(four_digit)), task.tokenizer().encode("1")[0]
+    at_mistake_s, at_mistake_t = log_ps[rows, first_answer_digit].exp(), log_pt[rows, first_answer_digit].exp()
+    assert at_mistake_s[:, one].median() < 0.01 and at_mistake_s[:, one].max() < 0.1  # confident ...
+    assert at_mistake_t[:, one].min() > 0.9  # ... and contradicted
+    entropy_at_mistake = -(at_mistake_s * at_mistake_s.log()).sum(-1)
+    assert entropy_at_mistake.median() < 0.2  # nats, of log(17) = 2.8 for a uniform guess
 
 
 def test_every_task_solves_itself_within_its_budget():
