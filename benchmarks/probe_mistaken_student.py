@@ -11,6 +11,7 @@ it corrected?
     nice python benchmarks/probe_mistaken_student.py --out probe-stop35 --stop-at 0.35   # a longer warm start
     nice python benchmarks/probe_mistaken_student.py --out probe-converged --converged    # the flawed teacher itself
 
+--stop-at 0.45 makes the shipped student of the default task, add3_scratch_mistaken (the same file, bit for bit).
 --stop-at ends the warm start at the first evaluation at or above it (the real task's checker, so at most about
 50%: the flawed half is always wrong); --converged takes the shipped flawed teacher as the student (1000 steps,
 right on every problem but the four-digit sums). The student is saved under --out and reused; each run resumes
@@ -56,7 +57,7 @@ def mistaken_student(out: Path, stop_at: Optional[float]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=LoopConfig().steps, help="(default: the demo's, %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-at", type=float, default=None, help="end the warm start at this accuracy")
     parser.add_argument("--loss", default="reverse_kl", help="the distillation run's divergence")

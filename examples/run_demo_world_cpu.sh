@@ -22,7 +22,8 @@
 # test_freq steps (the local loop also evaluates at its last step; so does verl).
 #
 # Usage: bash examples/run_demo_world_cpu.sh [extra hydra overrides...]
-#   TASK=add3_scratch          a task of the local demo (`tip-verl demo --task`)
+#   TASK=add3_scratch          a task of the local demo (`tip-verl demo --task`; the demo's default is
+#                              add3_scratch_mistaken, docs/cpu_mode.md measures this one)
 #   ROUTE=advantage            advantage: tip_opd (default); loss: the local loss route with forward KL, as
 #                              verl's top-k distillation loss over the whole vocabulary (tip_forward_kl_topk)
 #   STEPS=100                  training steps (default: the local demo's); the train split holds exactly these

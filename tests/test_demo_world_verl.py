@@ -30,23 +30,24 @@ from tip_verl.cpu.reward import task_score
 from tip_verl.local.assets import load_role
 from tip_verl.local.evaluate import greedy_accuracy
 from tip_verl.local.loop import LoopConfig
-from tip_verl.local.tasks import DEFAULT_TASK, get_task
+from tip_verl.local.tasks import get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_demo_world_cpu.sh"
+WORLD_TASK = "add3_scratch"  # the script's default TASK, the world docs/cpu_mode.md measures verl's trainer on
 EVAL_SIZE = 64
 COMPARED = 48  # held-out problems generated one by one through the HF route
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    config = LoopConfig(task=DEFAULT_TASK, route="advantage", steps=3, eval_size=EVAL_SIZE)
+    config = LoopConfig(task=WORLD_TASK, route="advantage", steps=3, eval_size=EVAL_SIZE)
     return export_world.export(tmp_path_factory.mktemp("world"), config)
 
 
 @pytest.fixture(scope="module")
 def task():
-    return get_task(DEFAULT_TASK)
+    return get_task(WORLD_TASK)
 
 
 def hf_tokenizer_of(world: dict):
@@ -183,7 +184,7 @@ def test_verl_learning_rate_schedule_is_the_local_warmup():
     """verl's scheduler under the exported optim keys, against the local loop's lr * min(1, step / warmup)."""
     from verl.utils.torch_functional import get_cosine_schedule_with_warmup
 
-    config, task = LoopConfig(route="advantage", lr=1e-3, warmup_steps=5), get_task(DEFAULT_TASK)
+    config, task = LoopConfig(route="advantage", lr=1e-3, warmup_steps=5), get_task(WORLD_TASK)
     optim = {k.rsplit(".", 1)[1]: v for k, v in overrides_of(config, task).items() if ".optim." in k}
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=float(optim["lr"]))
