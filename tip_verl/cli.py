@@ -15,10 +15,13 @@ from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAM
 DEMO_HELP = """\
 On-policy distillation on 2 CPU cores, end to end, in a few minutes.
 
-A small Llama student (warm-started to low accuracy) samples answers to synthetic arithmetic problems; a larger
-Llama teacher (trained by this package) scores every token; TIP picks the tokens worth the teacher signal
-(entropy x divergence), and verl's `tip_opd` estimator and PPO policy loss update the student. With
---adv-estimator grpo the student learns from the checker's 0/1 reward only.
+A tiny Llama student samples answers to three-digit additions with a scratchpad; a Llama teacher of its size
+(both trained by this package and shipped) scores every token. In the default world (--task
+add3_scratch_mistaken) the student arrives with a confident, systematic mistake: it drops the final carry of
+four-digit sums. TIP picks the tokens worth the teacher signal (entropy x divergence); on the default loss
+route the full-vocabulary reverse KL to the teacher is backpropagated at those tokens only, on --route
+advantage verl's `tip_opd` estimator and PPO policy loss update the student. With --adv-estimator grpo the
+student learns from the checker's 0/1 reward only.
 
 Writes to --out: metrics.jsonl (one line per step), learning_curves.png, quadrant_map.png (one batch's tokens on
 the entropy x divergence plane, selected tokens marked), summary.json, checkpoint.pt. Ctrl-C stops after the

@@ -115,7 +115,7 @@ def quadrant_map(batch: dict, path: Path, title: str, tip: TipConfig, divergence
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the outside legend and the long axis label
     plt.close(fig)
 
 
