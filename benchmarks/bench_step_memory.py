@@ -19,6 +19,9 @@ The ways differ only in how the log-probs are computed:
   selected  the base model, then tip_verl.core.selected_logits.
             selected_token_logprobs on the hidden states of the selected tokens
             only (chunks of --chunk-size).
+  selected_whole_vocab
+            `selected` with one whole V x H float32 sum of a bf16 head's gradient (vocab_chunk_size = V),
+            as the selected head summed it before it summed by vocabulary blocks.
   body      the base model alone, loss = mean of its final hidden states, no LM
             head: subtracted from `naive` it gives the LM head's share of the step.
 
@@ -72,7 +75,7 @@ SHAPES = {
         num_key_value_heads=2, head_dim=16, vocab_size=4096, tie_word_embeddings=True,
     ),
 }
-WAYS = ["naive", "fused", "selected", "body"]
+WAYS = ["naive", "fused", "selected", "selected_whole_vocab", "body"]
 RATIO_FREE = ("naive", "fused", "body")
 ALL_T = [2048, 8192]
 ALL_RATIOS = [1.0, 0.5, 0.2, 0.1]
@@ -136,11 +139,13 @@ def step_loss(way: str, model, batch: dict, chunk_size: int = 512):
     hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (1, T, H)
     if way == "body":
         return hidden.float().mean()
-    if way == "selected":
+    if way in ("selected", "selected_whole_vocab"):
         from tip_verl.core.selected_logits import selected_token_logprobs
 
+        weight = model.lm_head.weight
+        whole = weight.shape[0] if way == "selected_whole_vocab" else None  # one (V, H) float32 sum, as before
         logp, _ = selected_token_logprobs(
-            hidden, model.lm_head.weight, selected, batch["labels"], chunk_size=chunk_size
+            hidden, weight, selected, batch["labels"], chunk_size=chunk_size, vocab_chunk_size=whole
         )  # (N,)
         return -(advantages[selected] * logp).sum() / n_selected
     raise ValueError(f"unknown way {way!r}; choose one of {WAYS}")
@@ -182,6 +187,20 @@ class PeakMeter:
         return dict(peak_gib=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / GIB)
 
 
+ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for_loop")
+
+
+def make_adamw(model, implementation: str):
+    """torch's AdamW in one of its implementations: `foreach` (torch's default on CUDA: each update op runs
+    over all parameters at once, with parameter-sized temporaries), `fused` (one kernel, CUDA), `for_loop`."""
+    import torch
+
+    if implementation not in ADAMW_IMPLEMENTATIONS:
+        raise ValueError(f"AdamW implementation must be one of {ADAMW_IMPLEMENTATIONS}; got {implementation!r}")
+    flags = dict(foreach=implementation == "foreach", fused=implementation == "fused" or None)
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, **flags)
+
+
 def worker(spec: dict) -> dict:
     """Build the model and batch of `spec`, run the step phases, return peaks (GiB) and fastest times (s)."""
     import torch
@@ -197,7 +216,7 @@ def worker(spec: dict) -> dict:
     model = build_model(spec["shape"], spec["layers"], getattr(torch, spec["dtype"]), device)
     batch = make_batch(SHAPES[spec["shape"]]["vocab_size"], spec["T"], spec["ratio"], device)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if spec["optimizer"] else None
+    optimizer = make_adamw(model, spec.get("adamw", "foreach")) if spec["optimizer"] else None
     result = {**spec, "n_selected": int(batch["selected"].sum()), "n_params": n_params}
     for phase, opt in [("", None)] + ([("opt_", optimizer)] if optimizer else []):
         if opt is not None:
@@ -268,12 +287,16 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs="+", help="decoder layers to build (default: the model's 28)")
     p.add_argument("--T", type=int, nargs="+", default=ALL_T, help="tokens in the packed sequence")
     p.add_argument("--ratios", type=float, nargs="+", default=ALL_RATIOS, help="fractions of selected tokens")
-    p.add_argument("--ways", nargs="+", default=WAYS, choices=WAYS, help="`naive` always runs (the baseline)")
+    p.add_argument(
+        "--ways", nargs="+", default=[w for w in WAYS if w != "selected_whole_vocab"], choices=WAYS,
+        help="`naive` always runs (the baseline)",
+    )
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--chunk-size", type=int, default=512, help="selected tokens per chunk (verl's fused path: 512)")
     p.add_argument("--steps", type=int, default=3, help="steps per phase; time is the fastest")
     p.add_argument("--no-optimizer", action="store_true", help="skip the second phase (step with AdamW)")
+    p.add_argument("--adamw", default="foreach", choices=ADAMW_IMPLEMENTATIONS, help="torch's AdamW implementation")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per subprocess")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shape, 2 layers, T=256, ratio 0.5")
     p.add_argument("--json", help="also write the raw results to this file")
@@ -316,6 +339,7 @@ def main(argv=None) -> int:
                         spec = dict(
                             shape=shape, layers=layers, T=T, way=way, ratio=ratio, device=a.device,
                             dtype=a.dtype, chunk_size=a.chunk_size, steps=a.steps, optimizer=not a.no_optimizer,
+                            adamw=a.adamw,
                         )
                         try:
                             r = run_worker(__file__, spec, a.threads)

@@ -47,7 +47,7 @@ def test_three_ways_give_the_loss_and_gradients_of_the_naive_way_at_the_selected
     naive_loss, naive_grads = _loss_and_grads("naive", model, batch, 5)
     torch.testing.assert_close(naive_loss.double(), by_hand, rtol=1e-5, atol=1e-6)
     assert set(naive_grads) == {n for n, _ in model.named_parameters()}
-    for way in ("selected", "fused"):  # chunk_size 5: several chunks of the 12 selected tokens
+    for way in ("selected", "selected_whole_vocab", "fused"):  # chunk_size 5: several chunks of the 12 selected
         loss, grads = _loss_and_grads(way, model, batch, 5)
         torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-6, msg=way)
         assert set(grads) == set(naive_grads), way
@@ -72,6 +72,15 @@ def test_worker_reports_a_peak_and_a_time_for_both_phases():
     assert r["n_selected"] == 16
     assert r["peak_gib"] > 0 and r["opt_peak_gib"] > 0
     assert r["step_s"] > 0 and r["opt_step_s"] > 0
+
+
+@pytest.mark.parametrize("implementation,foreach,fused", [("foreach", True, None), ("fused", False, True),
+                                                         ("for_loop", False, None)])
+def test_adamw_implementation_is_the_one_asked_for(implementation, foreach, fused):
+    optimizer = bench.make_adamw(torch.nn.Linear(2, 2), implementation)
+    assert (optimizer.defaults["foreach"], optimizer.defaults["fused"]) == (foreach, fused)
+    with pytest.raises(ValueError, match="AdamW implementation must be one of"):
+        bench.make_adamw(torch.nn.Linear(2, 2), "apex")
 
 
 def test_optimizer_phase_is_measured_with_the_adamw_state_already_there(monkeypatch):

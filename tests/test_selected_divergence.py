@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from tensor_sizes import LargestTensor
 
 from tip_verl.core.selected_divergence import (
     DIVERGENCE_LOSS_NAMES,
@@ -62,11 +62,11 @@ def _naive(student, teacher, selected, loss, temperature=1.0):
     return per_pos[selected]
 
 
-def _chunked(student, teacher, selected, loss, chunk_size, temperature=1.0):
+def _chunked(student, teacher, selected, loss, chunk_size, temperature=1.0, vocab_chunk_size=None):
     return selected_token_divergence(
         student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], selected,
         loss=loss, student_bias=student["bias"], teacher_bias=teacher["bias"],
-        chunk_size=chunk_size, temperature=temperature,
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, temperature=temperature,
     )
 
 
@@ -174,19 +174,6 @@ def test_exact_token_kl_equals_a_per_position_loop(chunk_size):
             assert entropy[b, t].item() == pytest.approx(want_ent, rel=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op creates (forward and backward run through the mode)."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("loss", DIVERGENCE_LOSS_NAMES)
 def test_no_tensor_larger_than_a_chunk_of_the_vocabulary_is_built(loss):
     # small hidden sizes, so that a (N, V) tensor of the selected tokens is larger than every legitimate buffer
@@ -198,14 +185,14 @@ def test_no_tensor_larger_than_a_chunk_of_the_vocabulary_is_built(loss):
     selected = torch.rand(b, t, generator=g) < 0.5
     bound = max(chunk_size * V, V * ht, b * t * ht)  # a chunk of logits, a head, the hidden states
     assert bound < int(selected.sum()) * V < b * t * V
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         div = selected_token_divergence(
             hidden, weight, teacher_hidden, teacher_weight, selected, loss=loss, chunk_size=chunk_size
         )
         div.sum().backward()
         exact_token_kl(hidden, weight, teacher_hidden, teacher_weight, selected, chunk_size=chunk_size)
     assert mode.largest <= bound
-    with _LargestTensor() as naive_mode:  # the check does see the naive route's (B, T, V) logits
+    with LargestTensor() as naive_mode:  # the check does see the naive route's (B, T, V) logits
         student = {"hidden": hidden, "weight": weight, "bias": None}
         _naive(student, {"hidden": teacher_hidden, "weight": teacher_weight, "bias": None}, selected, loss)
     assert naive_mode.largest >= b * t * V
@@ -228,17 +215,26 @@ def test_no_gradient_reaches_the_teacher():
     assert student["weight"].grad is not None
 
 
-def test_bf16_heads_match_float64_within_bf16_rounding():
+# several chunks of 4 tokens: the bf16 head gradient is summed in float32 over vocabulary blocks of
+# 1 row, the default (4 * V // H = 9 rows) and the whole vocabulary
+@pytest.mark.parametrize("loss", DIVERGENCE_LOSS_NAMES)
+@pytest.mark.parametrize("vocab_chunk_size", [1, None, V])
+def test_bf16_heads_match_float64_within_bf16_rounding(loss, vocab_chunk_size):
     student64, teacher, selected, upstream = _inputs(torch.float64)
     student16 = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in student64.items()}
     teacher16 = {k: v.to(torch.bfloat16) for k, v in teacher.items()}
-    value = _chunked(student16, teacher16, selected, "reverse_kl", chunk_size=4)
+    with LargestTensor() as sizes:
+        value = _chunked(student16, teacher16, selected, loss, chunk_size=4, vocab_chunk_size=vocab_chunk_size)
+        got = _grads(student16, value, upstream.float())
     assert value.dtype == torch.float32
+    rows = vocab_chunk_size or 4 * V // H
+    # float32 buffers: a chunk's logits (4, V), a block of the head-gradient sum (rows, H), the (N, H)
+    # sum of the hidden states' gradient; a whole (V, H) float32 sum only where one block is the vocabulary
+    assert sizes.by_dtype[torch.float32] <= max(4 * V, rows * H, int(selected.sum()) * H)
     rounded = {k: v.detach().to(torch.bfloat16).double().requires_grad_() for k, v in student64.items()}
     teacher_rounded = {k: v.double() for k, v in teacher16.items()}
-    naive = _naive(rounded, teacher_rounded, selected, "reverse_kl")
+    naive = _naive(rounded, teacher_rounded, selected, loss)
     torch.testing.assert_close(value.double(), naive, rtol=0.05, atol=0.02)
-    got = _grads(student16, value, upstream.float())
     for g16, want in zip(got, _grads(rounded, naive, upstream)):
         assert g16.dtype == torch.bfloat16
         torch.testing.assert_close(g16.double(), want, rtol=0.05, atol=0.02)

@@ -7,6 +7,7 @@ import py_compile
 
 import pytest
 import torch
+from tensor_sizes import LargestTensor
 from verl_patching import apply_to_copy_of_installed_verl
 
 from tip_verl.core.selected_logits import scatter_selected, selected_token_logprobs
@@ -122,7 +123,7 @@ def test_bias_temperature_and_float32():
         torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", [7, 64])  # several chunks (float32 head-grad buffer) and one chunk
+@pytest.mark.parametrize("chunk_size", [7, 64])  # several chunks (float32 head-gradient sum) and one chunk
 def test_logprob_only_and_bf16_head_in_float32_statistics(chunk_size):
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(1, 20, 16, generator=g).bfloat16().requires_grad_()
@@ -141,6 +142,47 @@ def test_logprob_only_and_bf16_head_in_float32_statistics(chunk_size):
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     torch.testing.assert_close(hidden.grad, h2.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(weight.grad, w2.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("vocab_chunk_size", [1, 7, None, 40])
+def test_bf16_head_gradient_is_summed_in_float32_by_vocabulary_blocks(vocab_chunk_size):
+    """Several chunks of a bf16 head: the float32 sum of the head gradient is kept one block of
+    vocabulary rows at a time (default chunk_size * V // H = 17 rows), never as a (V, H) float32 buffer
+    unless the block is the vocabulary; values and gradients equal float64 on the same bf16 inputs."""
+    g = torch.Generator().manual_seed(5)
+    n, h, v, chunk = 24, 16, 40, 7
+    hidden = torch.randn(1, n, h, generator=g).bfloat16().requires_grad_()
+    weight = torch.randn(v, h, generator=g).bfloat16().requires_grad_()
+    bias = torch.randn(v, generator=g).bfloat16().requires_grad_()
+    targets = torch.randint(0, v, (1, n), generator=g)
+    selected = torch.ones(1, n, dtype=torch.bool)
+    adv, ent_coef = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    with LargestTensor() as sizes:
+        logp, ent = selected_token_logprobs(
+            hidden, weight, selected, targets, bias=bias, chunk_size=chunk, vocab_chunk_size=vocab_chunk_size,
+            temperature=0.7, return_entropy=True,
+        )
+        (-(adv * logp).sum() + (ent_coef * ent).sum()).backward()
+    rows = vocab_chunk_size or chunk * v // h
+    assert sizes.by_dtype[torch.float32] <= max(chunk * v, rows * h, n * h)
+    params64 = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logp64, ent64 = _naive(*params64, targets, selected, temperature=0.7)
+    (-(adv.double() * logp64.reshape(-1)).sum() + (ent_coef.double() * ent64.reshape(-1)).sum()).backward()
+    # the logits themselves are a bf16 matmul: everything agrees to bf16 rounding, relative to its scale
+    pairs = [(logp, logp64), (ent, ent64)] + [(t.grad, p.grad) for t, p in zip((hidden, weight, bias), params64)]
+    for got, want in pairs:
+        want = want.reshape(got.shape)
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=2e-2)
+    assert all(t.grad.dtype == torch.bfloat16 for t in (hidden, weight, bias))
+
+
+def test_vocab_chunk_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="vocab_chunk_size must be an int >= 1"):
+        selected_token_logprobs(
+            torch.randn(1, 3, 4), torch.randn(5, 4), torch.ones(1, 3, dtype=torch.bool),
+            torch.zeros(1, 3, dtype=torch.long), vocab_chunk_size=0,
+        )
 
 
 @pytest.mark.parametrize("use", ["logp", "entropy"])

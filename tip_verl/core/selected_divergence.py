@@ -57,7 +57,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from tip_verl.core.selected_logits import _chunk_logits, _compute_dtype, check_chunking, check_lm_head
+from tip_verl.core.selected_logits import (
+    _chunk_logits,
+    _compute_dtype,
+    check_chunking,
+    check_lm_head,
+    checked_vocab_chunk_size,
+    lm_head_backward,
+)
 
 __all__ = ["DIVERGENCE_LOSS_NAMES", "selected_token_divergence", "exact_token_kl", "SelectedTokenDivergence"]
 
@@ -147,7 +154,8 @@ def _chunk_logit_grad(log_s: torch.Tensor, log_t: torch.Tensor, shift: torch.Ten
 class SelectedTokenDivergence(torch.autograd.Function):
     """Chunked student and teacher LM heads + full-vocabulary divergence over gathered tokens.
 
-    forward(h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, loss, chunk_size, temperature)
+    forward(h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, loss, chunk_size, vocab_chunk_size,
+            temperature)
         h_sel: (N, H) student hidden states of the selected tokens.
         weight: (V, H) student LM head weight; bias: (V,) or None.
         teacher_h_sel: (N, Ht) teacher hidden states of the same tokens, no grad.
@@ -157,11 +165,14 @@ class SelectedTokenDivergence(torch.autograd.Function):
         (N,) divergence per selected token, float32 or wider.
 
     Saved for backward: the inputs and three (N,) floats (both log-sum-exps and the gradient's
-    row constant); the (C, V) logits of both models are recomputed chunk by chunk.
+    row constant); the logits of both models are recomputed tile by tile (:func:`lm_head_backward`).
     """
 
     @staticmethod
-    def forward(ctx, h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, loss, chunk_size, temperature):
+    def forward(
+        ctx, h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, loss, chunk_size, vocab_chunk_size,
+        temperature,
+    ):
         # backward recomputes the logits: under the same autocast state as here, or they differ
         dev = h_sel.device.type
         ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
@@ -183,44 +194,30 @@ class SelectedTokenDivergence(torch.autograd.Function):
             divergence[s:e], shift[s:e] = _chunk_divergence(log_s, log_t, loss)
             del log_s, log_t
         ctx.save_for_backward(h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, lse_s, lse_t, shift)
-        ctx.loss, ctx.chunk_size, ctx.temperature = loss, chunk_size, temperature
+        ctx.loss, ctx.chunk_size, ctx.vocab_chunk_size, ctx.temperature = loss, chunk_size, vocab_chunk_size, temperature
         return divergence
 
     @staticmethod
     def backward(ctx, grad_divergence):
         h_sel, weight, bias, teacher_h_sel, teacher_weight, teacher_bias, lse_s, lse_t, shift = ctx.saved_tensors
         ac_dev, ac_dtype, ac_on = ctx.autocast
-        loss, chunk_size, temperature = ctx.loss, ctx.chunk_size, ctx.temperature
-        n = h_sel.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cdt = lse_s.dtype
-        grad_h = torch.empty_like(h_sel) if need_h else None
-        # head gradients summed over chunks in the compute dtype (float32 or wider), cast at the end
-        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
+        loss, temperature, cdt = ctx.loss, ctx.temperature, lse_s.dtype
+
+        def logit_grad(z, s, e, v0, v1):
+            log_s = z.sub_(lse_s[s:e, None])
+            t_bias = None if teacher_bias is None else teacher_bias[v0:v1]
             with torch.autocast(device_type=ac_dev, dtype=ac_dtype, enabled=ac_on):
-                log_s = _recomputed_log_softmax(h_sel[s:e], weight, bias, temperature, lse_s[s:e], cdt)
                 log_t = _recomputed_log_softmax(
-                    teacher_h_sel[s:e], teacher_weight, teacher_bias, temperature, lse_t[s:e], cdt
+                    teacher_h_sel[s:e], teacher_weight[v0:v1], t_bias, temperature, lse_t[s:e], cdt
                 )
-            gz = _chunk_logit_grad(log_s, log_t, shift[s:e], loss)  # (C, V)
-            del log_s, log_t
-            # the logits were divided by the temperature: chain rule brings 1 / temperature
-            gz.mul_(grad_divergence[s:e, None].to(cdt) / temperature)
-            if need_b:
-                grad_b += gz.sum(0)
-            if need_w:
-                grad_w.addmm_(gz.t(), h_sel[s:e].to(cdt))
-            if need_h:
-                grad_h[s:e] = (gz.to(weight.dtype) @ weight).to(h_sel.dtype)
-            del gz
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+            gz = _chunk_logit_grad(log_s, log_t, shift[s:e], loss)  # (C, Vb)
+            return gz.mul_(grad_divergence[s:e, None].to(cdt))
+
+        grad_h, grad_w, grad_b = lm_head_backward(
+            h_sel, weight, bias, logit_grad, ctx.needs_input_grad[:3], cdt,
+            ctx.chunk_size, ctx.vocab_chunk_size, temperature, ctx.autocast,
+        )
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _validate(
@@ -258,6 +255,7 @@ def selected_token_divergence(
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
+    vocab_chunk_size: Optional[int] = None,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Full-vocabulary divergence between student and teacher at the selected positions only.
@@ -279,6 +277,8 @@ def selected_token_divergence(
         student_bias, teacher_bias: (V,) LM head biases, or None.
         chunk_size: number of selected tokens per chunk (>= 1); peak memory of the logits buffers
             is a few chunk_size x V floats.
+        vocab_chunk_size: vocabulary rows per block of the float32 head-gradient sum of a
+            bf16/fp16 head over several chunks (>= 1; default chunk_size * V // H).
         temperature: both models' logits are divided by it before the softmax (> 0).
 
     Returns:
@@ -309,6 +309,7 @@ def selected_token_divergence(
         teacher_bias,
         loss,
         chunk_size,
+        checked_vocab_chunk_size(vocab_chunk_size, chunk_size, student_weight),
         float(temperature),
     )
 

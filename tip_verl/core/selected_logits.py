@@ -29,7 +29,7 @@ count itself, since the mean of an empty tensor is NaN.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -65,7 +65,7 @@ def _chunk_logits(
 class SelectedTokenLogProbs(torch.autograd.Function):
     """Chunked LM head + log-softmax over already gathered selected tokens.
 
-    forward(h_sel, weight, bias, targets, chunk_size, temperature, return_entropy)
+    forward(h_sel, weight, bias, targets, chunk_size, vocab_chunk_size, temperature, return_entropy)
         h_sel: (N, H) hidden states of the selected tokens.
         weight: (V, H) LM head weight.
         bias: (V,) or None.
@@ -76,11 +76,11 @@ class SelectedTokenLogProbs(torch.autograd.Function):
             gradient path, when return_entropy is False).
 
     Saved for backward: h_sel, weight, bias, targets and the (N,) logsumexp
-    and entropy; the (C, V) logits are recomputed chunk by chunk.
+    and entropy; the logits are recomputed tile by tile (:func:`lm_head_backward`).
     """
 
     @staticmethod
-    def forward(ctx, h_sel, weight, bias, targets, chunk_size, temperature, return_entropy):
+    def forward(ctx, h_sel, weight, bias, targets, chunk_size, vocab_chunk_size, temperature, return_entropy):
         # an output the loss does not use arrives as None in backward, not as zeros
         ctx.set_materialize_grads(False)
         # backward recomputes the logits: under the same autocast state as here, or they differ
@@ -113,7 +113,7 @@ class SelectedTokenLogProbs(torch.autograd.Function):
                 ent[s:e] = log_sum - ez / sum_ex
             del z
         ctx.save_for_backward(h_sel, weight, bias, targets, lse, ent)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
         ctx.temperature = temperature
         ctx.return_entropy = return_entropy
         if not return_entropy:
@@ -123,55 +123,138 @@ class SelectedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         h_sel, weight, bias, targets, lse, ent = ctx.saved_tensors
-        ac_dev, ac_dtype, ac_on = ctx.autocast
-        chunk_size, temperature = ctx.chunk_size, ctx.temperature
-        n = h_sel.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        cdt = lse.dtype
-        grad_h = torch.empty_like(h_sel) if need_h else None
-        # A bf16/fp16 head gradient summed over several chunks is accumulated in
-        # float32 (one extra V x H float32 buffer); one chunk needs no buffer.
-        acc_wide = need_w and weight.dtype != cdt and n > chunk_size
-        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if acc_wide else None
-        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        n, cdt = h_sel.shape[0], lse.dtype
         use_ent = ctx.return_entropy and grad_ent is not None
         if grad_logp is None:
             grad_logp = torch.zeros(n, dtype=cdt, device=h_sel.device)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            with torch.autocast(device_type=ac_dev, dtype=ac_dtype, enabled=ac_on):
-                z = _chunk_logits(h_sel[s:e], weight, bias, temperature)  # (C, V)
-            logq = z.sub_(lse[s:e, None])  # log-softmax, (C, V)
+
+        # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)
+        def logit_grad(z, s, e, v0, v1):
+            logq = z.sub_(lse[s:e, None])  # log-softmax of the tile, (C, Vb)
             g_lp = grad_logp[s:e].to(cdt)
-            # d logp_y / dz = onehot(y) - p;  d H / dz = -p * (log p + H)
             if use_ent:
-                g_e = grad_ent[s:e].to(cdt)
                 p = logq.exp()
-                gz = logq.add_(ent[s:e, None]).mul_(p).mul_(-g_e[:, None])
+                gz = logq.add_(ent[s:e, None]).mul_(p).mul_(-grad_ent[s:e, None].to(cdt))
                 gz.sub_(p.mul_(g_lp[:, None]))
                 del p
             else:
                 gz = logq.exp_().mul_(-g_lp[:, None])
-            del z, logq
-            gz.scatter_add_(1, targets[s:e, None], g_lp[:, None])
+            local = targets[s:e] - v0
+            inside = (local >= 0) & (local < v1 - v0)  # targets that fall in this vocabulary block
+            return gz.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], (g_lp * inside)[:, None])
+
+        grad_h, grad_w, grad_b = lm_head_backward(
+            h_sel, weight, bias, logit_grad, ctx.needs_input_grad[:3], cdt,
+            ctx.chunk_size, ctx.vocab_chunk_size, ctx.temperature, ctx.autocast,
+        )
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def checked_vocab_chunk_size(vocab_chunk_size: Optional[int], chunk_size: int, weight: torch.Tensor) -> int:
+    """Vocabulary rows per block of the head-gradient sum; by default chunk_size * V // H rows, so the
+    (rows, H) float32 sum is no larger than one chunk's (chunk_size, V) float32 logits."""
+    if vocab_chunk_size is None:
+        vocab, hidden = weight.shape
+        return max(1, min(vocab, chunk_size * vocab // hidden))
+    if not isinstance(vocab_chunk_size, int) or isinstance(vocab_chunk_size, bool) or vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size must be an int >= 1 (vocabulary rows per block) or None; got {vocab_chunk_size!r}")
+    return vocab_chunk_size
+
+
+# torch.addmm(..., out_dtype=torch.float32): a bf16/fp16 matmul that sums into float32 (CUDA, torch >= 2.8)
+_ADDMM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
+def _accumulates_low_in_float32(gz: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a float32 sum of products of the bf16/fp16 head can use the low-precision matmul with a
+    float32 output: on CUDA it runs at the bf16 rate and sums exactly; elsewhere a float32 matmul does."""
+    return (
+        _ADDMM_OUT_DTYPE and gz.is_cuda and gz.dtype == torch.float32
+        and weight.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def lm_head_backward(
+    h_sel: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    logit_grad: Callable[[torch.Tensor, int, int, int, int], torch.Tensor],
+    needs: Tuple[bool, bool, bool],
+    cdt: torch.dtype,
+    chunk_size: int,
+    vocab_chunk_size: int,
+    temperature: float,
+    autocast: tuple,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of a loss on the tempered logits ``(h_sel @ weight.T + bias) / temperature``, tile by tile.
+
+    Args:
+        h_sel: (N, H) hidden states; weight: (V, H); bias: (V,) or None.
+        logit_grad: ``logit_grad(z, s, e, v0, v1)`` gets ``z`` (C, Vb), the tempered logits of tokens
+            s:e and vocabulary rows v0:v1 in ``cdt`` (it may overwrite them), and returns d loss / d z,
+            (C, Vb) in ``cdt``.
+        needs: whether h_sel, weight and bias need their gradients.
+        cdt: the compute dtype (float32 or wider).
+        chunk_size: tokens per tile; vocab_chunk_size: vocabulary rows per tile where the vocabulary
+            is split (see below).
+        autocast: (device type, dtype, enabled) of the forward, under which the logits are recomputed.
+
+    Returns:
+        (grad_h (N, H), grad_w (V, H), grad_b (V,)), each None where not needed, in the inputs' dtypes.
+
+    A bf16/fp16 head gradient summed over several token chunks is summed in float32. Held whole that
+    sum is a V x H float32 buffer (1.16 GiB at V 151,936, H 2048), so then the vocabulary is split in
+    blocks of ``vocab_chunk_size`` rows, each block's sum is taken over every token chunk and cast into
+    the head gradient, and the hidden states' gradient is summed over the blocks in an (N, H) float32
+    buffer instead. Otherwise the vocabulary is one block.
+    """
+    need_h, need_w, need_b = needs
+    n, vocab = h_sel.shape[0], weight.shape[0]
+    sum_w_wide = need_w and weight.dtype != cdt and n > chunk_size
+    block = vocab_chunk_size if sum_w_wide else vocab
+    split = block < vocab
+    grad_h = torch.zeros(h_sel.shape, dtype=cdt if split else h_sel.dtype, device=h_sel.device) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+    ac_dev, ac_dtype, ac_on = autocast
+    for v0 in range(0, vocab, block):
+        v1 = min(v0 + block, vocab)
+        w_block = weight[v0:v1]
+        b_block = None if bias is None else bias[v0:v1]
+        w_sum = torch.zeros(w_block.shape, dtype=cdt, device=weight.device) if sum_w_wide else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            with torch.autocast(device_type=ac_dev, dtype=ac_dtype, enabled=ac_on):
+                z = _chunk_logits(h_sel[s:e], w_block, b_block, temperature).to(cdt)  # (C, Vb)
+            gz = logit_grad(z, s, e, v0, v1)
+            del z
             if temperature != 1.0:
                 gz.div_(temperature)
             if need_b:
-                grad_b += gz.sum(0)
-            if acc_wide:
-                grad_w.addmm_(gz.t(), h_sel[s:e].to(cdt))
+                grad_b[v0:v1] += gz.sum(0)
+            exact_low = sum_w_wide and _accumulates_low_in_float32(gz, weight)
+            if sum_w_wide and not exact_low:
+                w_sum.addmm_(gz.t(), h_sel[s:e].to(cdt))
             gz = gz.to(weight.dtype)
-            if need_w and not acc_wide:
-                h_c = h_sel[s:e].to(weight.dtype)
-                grad_w = gz.t() @ h_c if grad_w is None else grad_w.addmm_(gz.t(), h_c)
-            if need_h:
-                grad_h[s:e] = (gz @ weight).to(h_sel.dtype)
+            if exact_low:
+                torch.addmm(w_sum, gz.t(), h_sel[s:e].to(weight.dtype), out_dtype=torch.float32, out=w_sum)
+            if need_w and not sum_w_wide:
+                grad_w[v0:v1].addmm_(gz.t(), h_sel[s:e].to(weight.dtype))
+            if need_h and split and exact_low:
+                torch.addmm(grad_h[s:e], gz, w_block, out_dtype=torch.float32, out=grad_h[s:e])
+            elif need_h and split:
+                grad_h[s:e] += gz @ w_block
+            elif need_h:
+                grad_h[s:e] = (gz @ w_block).to(h_sel.dtype)
             del gz
-        if need_w:
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        if sum_w_wide:
+            grad_w[v0:v1] = w_sum
+            del w_sum
+    if need_h and split:
+        grad_h = grad_h.to(h_sel.dtype)
+    if need_b:
+        grad_b = grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
 
 
 def check_chunking(chunk_size: int, temperature: float) -> None:
@@ -219,6 +302,7 @@ def selected_token_logprobs(
     *,
     bias: Optional[torch.Tensor] = None,
     chunk_size: int = 1024,
+    vocab_chunk_size: Optional[int] = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -240,6 +324,9 @@ def selected_token_logprobs(
         bias: (V,) LM head bias, or None.
         chunk_size: number of selected tokens per chunk (>= 1); peak memory of
             the logits buffers is a few chunk_size x V floats.
+        vocab_chunk_size: vocabulary rows per block of the float32 head-gradient
+            sum of a bf16/fp16 head over several chunks (>= 1; default
+            chunk_size * V // H, no larger than one chunk's logits).
         temperature: logits are divided by it before the softmax (> 0).
         return_entropy: also return the full-vocabulary entropy (nats).
 
@@ -251,10 +338,11 @@ def selected_token_logprobs(
         ``hidden``, ``weight`` and ``bias``. With N = 0 they are empty.
 
     Raises:
-        ValueError: on shape or dtype mismatch, chunk_size < 1, temperature
-            <= 0, or a selected target outside [0, V).
+        ValueError: on shape or dtype mismatch, chunk_size or vocab_chunk_size
+            < 1, temperature <= 0, or a selected target outside [0, V).
     """
     _validate(hidden, weight, bias, selected, targets, chunk_size, temperature)
+    vocab_chunk_size = checked_vocab_chunk_size(vocab_chunk_size, chunk_size, weight)
     h_sel = hidden[selected]  # (N, H)
     t_sel = targets[selected].long()  # (N,)
     if t_sel.numel():
@@ -264,7 +352,7 @@ def selected_token_logprobs(
                 f"targets at selected positions must lie in [0, V) with V = {weight.shape[0]}; got range [{low}, {high}]"
             )
     logp, ent = SelectedTokenLogProbs.apply(
-        h_sel, weight, bias, t_sel, chunk_size, float(temperature), bool(return_entropy)
+        h_sel, weight, bias, t_sel, chunk_size, vocab_chunk_size, float(temperature), bool(return_entropy)
     )
     return logp, (ent if return_entropy else None)
 
