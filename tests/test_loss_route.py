@@ -128,7 +128,7 @@ def test_divergence_rule_mean_over_selected_tokens_and_gradient(ratio):
     chosen = top_by_value(values, ratio)
     expected = sum(values[i][t] for i, t in chosen) / len(chosen)
     assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert metrics["tip_loss/selected_fraction"] == pytest.approx(len(chosen) / sum(RESP_LENS))
+    assert metrics["tip_loss/selected_fraction"].aggregate() == pytest.approx(len(chosen) / sum(RESP_LENS))
     loss.backward()
     grad = torch.zeros_like(STUDENT)
     for i, t in chosen:  # d k3 / d log pS = 1 - pT / pS
@@ -223,7 +223,7 @@ def test_soft_or_clips_the_divergence_at_algorithm_tip_divergence_quantile(diver
     loss, metrics = run("tip_k3", None, data=micro_batch(tip, teacher=teacher))
     expected = sum(math.expm1(log_q[i, t].item()) - log_q[i, t].item() for i, t in chosen) / len(chosen)
     assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert metrics["tip_loss/selected_fraction"] == pytest.approx(len(chosen) / sum(RESP_LENS))
+    assert metrics["tip_loss/selected_fraction"].aggregate() == pytest.approx(len(chosen) / sum(RESP_LENS))
 
 
 def test_seq_mean_token_mean_averages_each_rollout_over_its_selected_tokens():
@@ -320,7 +320,7 @@ def test_entropy_aware_gate():
     gated = [(i, t) for i, row in enumerate(entropy) for t, h in enumerate(row) if h >= tau]
     assert 0 < len(gated) < sum(RESP_LENS)
     assert loss.item() == pytest.approx(sum(fkl[i][t] for i, t in gated) / len(gated), rel=1e-6)
-    assert metrics["tip_loss/gate_fraction"] == pytest.approx(len(gated) / sum(RESP_LENS))
+    assert metrics["tip_loss/gate_fraction"].aggregate() == pytest.approx(len(gated) / sum(RESP_LENS))
 
 
 # ---- clear errors ----

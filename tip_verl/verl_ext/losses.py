@@ -42,6 +42,7 @@ from verl.trainer.distillation.losses import (
 )
 from verl.trainer.ppo.core_algos import kl_penalty
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from tip_verl.core.config import TipConfig
@@ -193,6 +194,20 @@ def _rollout_scores(data: TensorDict, field: str, response_mask: torch.Tensor) -
     return scores.reshape(scores.shape[0], -1)
 
 
+def token_share(count: int, data: TensorDict) -> Metric:
+    """`count` tokens of this micro-batch as a metric that verl reduces to their share of the mini-batch's response
+    tokens, over all micro-batches and data-parallel ranks.
+
+    verl's engine puts on every micro-batch `batch_num_tokens`, the mini-batch's loss-mask tokens summed over the
+    data-parallel group (its response tokens: verl's loss_mask is the response_mask), and `dp_size`. verl reduces
+    a SUM metric by averaging each micro-batch's value over the data-parallel ranks, then summing over
+    micro-batches (`Metric.aggregate_dp`), so `count * dp_size / batch_num_tokens` adds up to the exact share, as
+    verl's own `actor/pg_loss` adds up to the mini-batch's token mean. Its trainer averages the mini-batches
+    (`reduce_metrics`), epochs included.
+    """
+    return Metric(AggregationType.SUM, count * data["dp_size"] / max(data["batch_num_tokens"], 1))
+
+
 def apply_tip(
     settings: tuple[TipConfig, TipLossConfig, int],
     config: Any,
@@ -227,7 +242,7 @@ def apply_tip(
         metrics["tip_loss/correct_fraction"] = correct.float().mean().item()
     if gate is not None:
         eligible = eligible & gate
-        metrics["tip_loss/gate_fraction"] = (gate & response_mask).sum().item() / max(int(response_mask.sum()), 1)
+        metrics["tip_loss/gate_fraction"] = token_share(int((gate & response_mask).sum()), data)
     entropy = model_output.get("entropy")
     entropy = no_padding_2_padding(entropy, data) if entropy is not None else None
     check_loss_inputs(response_mask, distillation_losses=losses, entropy=entropy)
@@ -247,7 +262,7 @@ def apply_tip(
     )
     weights = selected_token_weights(selected, response_mask, config.loss_agg_mode, losses.dtype) * multiplier
     n_selected = int(selected.sum())
-    metrics["tip_loss/selected_fraction"] = n_selected / max(int(response_mask.sum()), 1)
+    metrics["tip_loss/selected_fraction"] = token_share(n_selected, data)
     metrics["tip_loss/coef_multiplier"] = multiplier
     metrics["tip_loss/selected_loss_mean"] = (losses.detach() * selected).sum().item() / max(n_selected, 1)
     return losses * weights, metrics

@@ -17,7 +17,8 @@ verl clears the step's keys at the end of the step).
 
 Where the trainer selects (tip_opd, preselect), what would fail or be wrong at step 1 is refused at start-up
 (`check_trainer_selection`): an entropy rule under rollout-correction bypass mode, a top-k teacher, and on the
-advantage route a rollout temperature other than the teacher's 1.
+advantage route a rollout temperature other than the teacher's 1. In CPU mode, settings that would run there but
+compute something else than on a GPU are refused before those (`tip_verl.cpu.checks`).
 
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
@@ -41,6 +42,8 @@ from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import ENTROPY_RULES
 from tip_verl.core.metrics import tip_metrics
+from tip_verl.cpu import cpu_mode_requested
+from tip_verl.cpu.checks import check_cpu_mode_config
 from tip_verl.verl_ext.estimator import TIP_OPD
 from tip_verl.verl_ext.losses import check_loss_route, check_sampled_token_teacher, loss_route_settings
 from tip_verl.verl_ext.rng import selection_generator
@@ -150,6 +153,8 @@ class TipSyncTrainer(PPOTrainerSync):
     selected tokens under mix=teacher_only or preselect."""
 
     def __init__(self, config):
+        if cpu_mode_requested():
+            check_cpu_mode_config(config)
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
         check_trainer_selection(config)
         self.updates_selected_only = updates_selected_only(config)
