@@ -48,7 +48,13 @@ TRACE_METHODS = {  # for --task add3_scratch_flawed, where the outcome reward ha
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"},
         "tip_loss": {"schedule": "warmup_anneal", "warmup_steps": 50, "anneal_steps": 100}},
 }
-ALL_METHODS = {**METHODS, **TRACE_METHODS}
+TRUST_METHODS = {  # the checker-verified teacher (tip_verl.core.trust): GRPO alone where outcomes contradict it
+    "soft_or 50% + GRPO (replace), checked teacher": {
+        "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace", "teacher_trust": "checked"}},
+    "OPD all tokens, checked teacher": {
+        "tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only", "teacher_trust": "checked"}},
+}
+ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 # final accuracy by slice, for a task whose teacher (student) was taught a known mistake

@@ -11,6 +11,7 @@ import torch
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import TipLossConfig
+from tip_verl.core.trust import TeacherTrust
 from tip_verl.local.loop import LoopConfig, distilled_mask, outcome_routes, policy_loss_mask, train
 from tip_verl.local.rollout import head_logprobs_and_entropy, response_hidden, sample
 
@@ -147,3 +148,36 @@ def test_a_given_exact_divergence_is_what_the_rules_rank_on():
     tokens = select_and_reward(config, mask, old_log_probs=logp, teacher_logprobs=logp, entropy=None, divergence=exact)
     assert tokens.selected.tolist() == [[False, True, True, False], [False, False, True, False]]
     torch.testing.assert_close(tokens.divergence, exact * mask)  # padding zeroed
+
+
+@pytest.mark.parametrize(
+    "route, mix, distilled_rows, trained",
+    [
+        ("loss", "replace", [[1, 0, 1, 0], [0, 0, 0, 0]], [[0, 1, 0, 0], [1, 1, 0, 0]]),
+        ("loss", "teacher_only", [[1, 0, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 0]]),
+        ("advantage", "teacher_only", [[0] * 4] * 2, [[1, 0, 1, 0], [1, 1, 0, 0]]),
+    ],
+)
+def test_a_distrusted_rollout_gets_no_divergence_and_the_policy_loss_on_every_token(route, mix, distilled_rows,
+                                                                                    trained):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    selected = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    tokens = _tokens(selected)
+    tokens.trust = TeacherTrust(correct=torch.tensor([True, False]), endorsed=torch.tensor([False, True]),
+                                distrusted=torch.tensor([False, True]))
+    config = LoopConfig(route=route, tip=TipConfig(mix=mix, teacher_trust="checked"))
+    distilled = distilled_mask(config, mask, tokens, outcome_routes(config, torch.tensor([1.0, 0.0])))
+    assert distilled.tolist() == distilled_rows
+    assert policy_loss_mask(config, mask, tokens, distilled).tolist() == trained
+
+
+def test_verified_trust_grades_the_teachers_own_answers_in_the_loop(task_and_models, tmp_path):
+    task, teacher, student = task_and_models
+    config = dataclasses.replace(LOSS_SMOKE, steps=2, tip=TipConfig(mix="replace", teacher_trust="verified"))
+    train(config, tmp_path, _copy(teacher), _copy(student))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trust = [r["tip/trust/distrusted_fraction"] for r in records if r["step"] > 0]
+    # the smoke teacher answers every prompt correctly or not; a prompt it fails distrusts its whole group
+    assert len(trust) == 2 and all(0.0 <= share <= 1.0 for share in trust)
+    n = config.prompts_per_step * config.group_size
+    assert all(round(share * n) % config.group_size == 0 for share in trust)

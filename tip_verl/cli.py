@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAMES
+from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAMES, TEACHER_TRUST_NAMES
 
 DEMO_HELP = """\
 On-policy distillation on 2 CPU cores, end to end, in a few minutes.
@@ -73,6 +73,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      "selected tokens; replace / add: hybrid with GRPO (default: %(default)s)")
     tip.add_argument("--divergence", default=defaults.tip.divergence, choices=DIVERGENCE_NAMES, help="(default: %(default)s)")
     tip.add_argument("--coef", type=float, default=defaults.tip.coef, help="teacher reward weight (default: %(default)s)")
+    tip.add_argument("--teacher-trust", default=defaults.tip.teacher_trust, choices=TEACHER_TRUST_NAMES,
+                     help="checked: a prompt whose rollouts' checker outcomes contradict the teacher (it endorses a "
+                     "wrong rollout, or prefers the wrong ones) gets GRPO alone (default: %(default)s)")
+    tip.add_argument("--endorse-prob", type=float, default=defaults.tip.endorse_prob,
+                     help="checked trust: the teacher endorses a rollout whose every token has pT >= this "
+                     "(default: %(default)s)")
     tip_loss = parser.add_argument_group("loss route outcome routing and teacher schedule (verl's algorithm.tip_loss)")
     routing = ["none", *DIVERGENCE_LOSS_NAMES]
     tip_loss.add_argument("--correct-loss", default=None, choices=routing,
@@ -102,7 +108,8 @@ def demo_config(args: argparse.Namespace):
         config = LoopConfig(**json.loads(saved.read_text()))
     else:
         tip = TipConfig(rule=args.rule, ratio=args.ratio, mix=args.mix, divergence=args.divergence,
-                        coef=args.coef, seed=args.seed)
+                        coef=args.coef, seed=args.seed, teacher_trust=args.teacher_trust,
+                        endorse_prob=args.endorse_prob)
         config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
                             prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,

@@ -13,6 +13,7 @@ import torch
 from tip_verl.core.config import TipConfig
 from tip_verl.core.scores import check_finite, divergence_estimate, quadrant_labels
 from tip_verl.core.selection import SelectionInputs, select_tokens
+from tip_verl.core.trust import TeacherTrust
 
 
 @dataclass
@@ -23,6 +24,7 @@ class TipTokens:
     teacher_reward: torch.Tensor  # r_t = log pT(y_t) - log pS_old(y_t)
     divergence: torch.Tensor  # the configured KL(pS || pT) estimate
     quadrant: Optional[torch.Tensor]  # int64 1..4 (0 at padding); None without entropy
+    trust: Optional[TeacherTrust] = None  # per-rollout verdicts of teacher_trust=checked; None with always
 
 
 def teacher_reward(
@@ -39,12 +41,14 @@ def mix_advantages(
     response_mask: torch.Tensor,
     mix: str,
     coef: float,
+    distrusted: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Combine the outcome advantage (B, T) with coef * teacher reward (B, T) on the `selected` tokens.
 
     replace: selected -> coef * r_t, others -> outcome advantage;
     add: outcome advantage everywhere, plus coef * r_t on selected;
     teacher_only: selected -> coef * r_t, others -> 0.
+    distrusted: (B,) bool, rollouts whose every token takes the outcome advantage instead (checked trust).
     """
     teacher_term = coef * reward * selected
     if mix == "replace":
@@ -55,6 +59,8 @@ def mix_advantages(
         mixed = teacher_term
     else:
         raise ValueError(f"Unknown mix {mix!r}; set algorithm.tip.mix to replace, add or teacher_only.")
+    if distrusted is not None:
+        mixed = torch.where(distrusted[:, None], outcome_advantages.float(), mixed)
     return mixed.masked_fill(~response_mask.bool(), 0.0)
 
 

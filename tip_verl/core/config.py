@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 SELECTION_RULE_NAMES = ("all", "random", "entropy", "entropy_sample", "divergence", "soft_or", "q3")
 DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
 MIX_NAMES = ("replace", "add", "teacher_only")
+TEACHER_TRUST_NAMES = ("always", "checked", "verified")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,12 @@ class TipConfig:
     preselect: with verl's own sampled-token distillation loss (loss_mode=k3, ...; no task reward), choose the
         tokens in the trainer before the update, from the rollout-time scores as on the advantage route, and
         train the loss on those tokens only (as mix=teacher_only does for tip_opd).
+    teacher_trust: always (the teacher signal wherever TIP selects), checked (tip_verl.core.trust: a prompt's
+        group whose checker outcomes contradict the teacher gets no teacher signal and the outcome (GRPO)
+        advantage on every token instead, whatever the mix) or verified (checked, and also every prompt whose
+        answer by the teacher itself, greedy, the checker rejects; needs the teacher's answers).
+    endorse_prob: checked trust: the teacher endorses a rollout whose every token has pT(y_t) >= this, in (0, 1].
+    correct_threshold: checked trust: a rollout is correct when its outcome score is > this.
     """
 
     rule: str = "soft_or"
@@ -49,11 +56,23 @@ class TipConfig:
     entropy_threshold: Optional[float] = None
     divergence_threshold: Optional[float] = None
     preselect: bool = False
+    teacher_trust: str = "always"
+    endorse_prob: float = 0.5
+    correct_threshold: float = 0.0
 
     def __post_init__(self):
         _check_choice("rule", self.rule, SELECTION_RULE_NAMES)
         _check_choice("divergence", self.divergence, DIVERGENCE_NAMES)
         _check_choice("mix", self.mix, MIX_NAMES)
+        _check_choice("teacher_trust", self.teacher_trust, TEACHER_TRUST_NAMES)
+        if isinstance(self.endorse_prob, bool) or not (
+            isinstance(self.endorse_prob, (int, float)) and 0.0 < self.endorse_prob <= 1.0
+        ):
+            raise ValueError(f"algorithm.tip.endorse_prob={self.endorse_prob!r}: must be in (0, 1], e.g. 0.5.")
+        if isinstance(self.correct_threshold, bool) or not (
+            isinstance(self.correct_threshold, (int, float)) and math.isfinite(self.correct_threshold)
+        ):
+            raise ValueError(f"algorithm.tip.correct_threshold={self.correct_threshold!r}: must be a finite number.")
         _check_fraction("ratio", self.ratio, "the share of each rollout's tokens that gets the teacher signal")
         _check_fraction("entropy_quantile", self.entropy_quantile, "the batch quantile entropy is clipped at")
         _check_fraction("divergence_quantile", self.divergence_quantile, "the batch quantile divergence is clipped at")

@@ -26,6 +26,8 @@ def tip_metrics(tokens: TipTokens, response_mask: torch.Tensor) -> dict[str, flo
         "tip/divergence/selected_mean": _masked_mean(tokens.divergence, selected),
         "tip/divergence/unselected_mean": _masked_mean(tokens.divergence, unselected),
     }
+    if tokens.trust is not None:
+        metrics.update(tokens.trust.metrics())
     if tokens.quadrant is not None:
         for q in (1, 2, 3, 4):
             in_q = tokens.quadrant == q

@@ -38,6 +38,7 @@ from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import ROUTE_DROP, TipLossConfig
 from tip_verl.core.metrics import tip_metrics
+from tip_verl.core.trust import teacher_trust
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.scores import divergence_estimate
 from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES, exact_token_kl, selected_token_divergence
@@ -47,7 +48,7 @@ from tip_verl.local.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tip_verl.local.evaluate import evaluation
+from tip_verl.local.evaluate import evaluation, greedy_scores
 from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations
 from tip_verl.local.rollout import (
@@ -180,12 +181,14 @@ def tip_opd_advantages(
     teacher_logprobs: torch.Tensor,
     entropy: torch.Tensor,
     step: int,
+    teacher_correct: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, TipTokens]:
     """verl's `tip_opd` advantages (N, T) and what TIP selected. Inputs (N, T).
 
     step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
+    teacher_correct: (N,) bool, the checker's verdict on the teacher's own answer (teacher_trust=verified).
     """
-    with tip_step(TipStep(step=step - 1)) as bound:
+    with tip_step(TipStep(step=step - 1, teacher_correct=teacher_correct)) as bound:
         advantages, _ = get_adv_estimator_fn("tip_opd")(
             token_level_rewards=rewards,
             response_mask=response_mask,
@@ -233,10 +236,13 @@ def outcome_routes(config: LoopConfig, scores: torch.Tensor) -> dict[str, torch.
 
 def distilled_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens],
                    routes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tokens that get the full-vocabulary divergence on the loss route: selected, of a routed rollout. (N, T)."""
+    """The tokens that get the full-vocabulary divergence on the loss route: selected, of a routed rollout
+    the teacher is trusted on. (N, T)."""
     if tokens is None or config.route != "loss" or not routes:
         return torch.zeros_like(response_mask)
     routed = torch.stack(list(routes.values())).any(dim=0)
+    if tokens.trust is not None:
+        routed = routed & ~tokens.trust.distrusted
     return response_mask * tokens.selected * routed.unsqueeze(-1)
 
 
@@ -248,13 +254,17 @@ def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Op
     no signal (advantage 0) and are left out, as TIP drops them, so the token mean is over the selected tokens
     and the step size does not shrink with the ratio; with replace every token carries a signal.
     Loss route: the `distilled` tokens get the divergence instead, so the policy loss covers the others
-    (replace) or none (teacher_only).
+    (replace) or none (teacher_only). Rollouts the teacher is distrusted on (checked trust) keep the policy
+    loss on every token, on both routes.
     """
     if tokens is None or config.tip.mix == "add":
         return response_mask
-    if config.route == "advantage":
-        return response_mask * tokens.selected if config.tip.mix == "teacher_only" else response_mask
-    return response_mask - distilled if config.tip.mix == "replace" else torch.zeros_like(response_mask)
+    if config.tip.mix == "replace":
+        return response_mask - distilled
+    kept = tokens.selected.float() if config.route == "advantage" else torch.zeros_like(response_mask)
+    if tokens.trust is not None:
+        kept = torch.maximum(kept, tokens.trust.distrusted[:, None].float())
+    return response_mask * kept
 
 
 def train_step(
@@ -288,6 +298,10 @@ def train_step(
     with timer("teacher"), torch.no_grad():
         teacher_hidden = response_hidden(teacher, rollout)
         teacher_logp, _ = head_logprobs_and_entropy(teacher, teacher_hidden, rollout, temperature)
+        teacher_correct = None
+        if config.tip.teacher_trust == "verified":  # the checker grades the teacher's own greedy answer
+            answers = torch.tensor(greedy_scores(teacher, task, problems)) > config.tip.correct_threshold
+            teacher_correct = answers.repeat_interleave(config.group_size)
 
     with saved_activations(student) as memory:
         with timer("student_forward"):
@@ -304,10 +318,15 @@ def train_step(
                 advantages = grpo_advantages(config, rewards, mask, uids)
             elif config.route == "advantage":
                 advantages, tokens = tip_opd_advantages(
-                    config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step
+                    config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step, teacher_correct
                 )
             else:
                 tokens = loss_route_tokens(config, mask, old_log_prob, teacher_logp, entropy, exact_kl, step)
+                if config.tip.teacher_trust != "always":
+                    tokens.trust = teacher_trust(
+                        scores, uids, teacher_logp, mask, config.tip.endorse_prob, config.tip.correct_threshold,
+                        teacher_correct=teacher_correct,
+                    )
                 advantages = grpo_advantages(config, rewards, mask, uids)
         routes = outcome_routes(config, scores)
         distilled = distilled_mask(config, mask, tokens, routes)

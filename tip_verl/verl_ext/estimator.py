@@ -10,6 +10,7 @@ from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register
 
 from tip_verl.core.advantages import mix_advantages, select_and_reward
 from tip_verl.core.config import TipConfig
+from tip_verl.core.trust import teacher_trust
 from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.step_context import current_step
 
@@ -21,6 +22,26 @@ def _config_get(config: Any, key: str, default: Any) -> Any:
         return default
     getter = getattr(config, "get", None)
     return getter(key, default) if getter is not None else getattr(config, key, default)
+
+
+def check_teacher_trust(config: Any) -> None:
+    """Refuse `algorithm.tip.teacher_trust=checked` where it would not act: it judges each prompt's group from
+    the rollouts' outcomes and teacher log-probs inside `tip_opd`, so it needs algorithm.adv_estimator=tip_opd."""
+    algorithm = config["algorithm"]
+    tip = TipConfig.from_any(algorithm.get("tip"))
+    if tip.teacher_trust == "verified":
+        raise ValueError(
+            "algorithm.tip.teacher_trust=verified grades the teacher's own answer to each prompt, which verl's teacher "
+            "(a scoring server) does not generate: set algorithm.tip.teacher_trust=checked (evidence from the "
+            "student's rollouts) or always. The local demo loop runs verified."
+        )
+    if tip.teacher_trust == "checked" and algorithm.get("adv_estimator") != TIP_OPD:
+        raise ValueError(
+            "algorithm.tip.teacher_trust=checked decides per prompt group inside the tip_opd estimator, but "
+            f"algorithm.adv_estimator={algorithm.get('adv_estimator')}: set algorithm.adv_estimator=tip_opd (the "
+            "advantage route), or algorithm.tip.teacher_trust=always. On verl's loss route (loss_mode=tip_*) it is "
+            "not available yet; the local demo loop runs it on both routes."
+        )
 
 
 @register_adv_est(TIP_OPD)
@@ -39,7 +60,8 @@ def compute_tip_opd_advantage(
 
     On the tokens TIP selects, the student gets coef * r_t with r_t = log pT(y_t) - log pS_old(y_t)
     (the per-token reverse-KL teacher signal); elsewhere it keeps verl's GRPO outcome advantage
-    (`mix`: replace, add or teacher_only; see TipConfig).
+    (`mix`: replace, add or teacher_only; see TipConfig). With `teacher_trust=checked` a group whose checker
+    outcomes contradict the teacher keeps the GRPO advantage on every token (tip_verl.core.trust).
 
     Args:
         token_level_rewards: (bs, response_length) outcome rewards; their row sum is the rollout's score.
@@ -79,8 +101,20 @@ def compute_tip_opd_advantage(
         epsilon=epsilon,
         norm_adv_by_std_in_grpo=_config_get(config, "norm_adv_by_std_in_grpo", True),
     )
+    if tip_config.teacher_trust != "always":
+        teacher_correct = step.teacher_correct if step is not None else None
+        if tip_config.teacher_trust == "verified" and teacher_correct is None:
+            raise ValueError(
+                "algorithm.tip.teacher_trust=verified needs the checker's verdict on the teacher's own answer to "
+                "each prompt (TipStep.teacher_correct), which no one bound: use teacher_trust=checked."
+            )
+        tokens.trust = teacher_trust(
+            token_level_rewards.sum(dim=-1), index, teacher_logprobs, response_mask,
+            tip_config.endorse_prob, tip_config.correct_threshold, teacher_correct=teacher_correct,
+        )
     advantages = mix_advantages(
-        outcome_advantages, tokens.teacher_reward, tokens.selected, response_mask, tip_config.mix, tip_config.coef
+        outcome_advantages, tokens.teacher_reward, tokens.selected, response_mask, tip_config.mix, tip_config.coef,
+        distrusted=None if tokens.trust is None else tokens.trust.distrusted,
     )
     if step is not None:
         step.tokens = tokens
