@@ -16,7 +16,8 @@
 #   TIP_RULE (soft_or), TIP_RATIO (0.5);
 #   advantage route: TIP_MIX (replace|add|teacher_only), TIP_COEF (1.0);
 #   loss route: LOSS_MODE (tip_k3; or tip_forward_kl_topk / tip_entropy_aware_topk with TOPK, default 16),
-#   SCHEDULE (constant | linear | warmup_anneal, with WARMUP_STEPS / ANNEAL_STEPS, default 0).
+#   SCHEDULE (constant | linear | warmup_anneal, with WARMUP_STEPS / ANNEAL_STEPS, default 0);
+#   RAY_ENV_VARS: names of further variables of this shell to pass to the run's Ray workers (see RAY_JOB_ENV).
 # algorithm.tip / algorithm.tip_loss are tip-verl's sections, added with `+algorithm.tip.<key>=...`
 # (see docs/config.md); to change a key set here, pass it without `+` or use the environment knob.
 
@@ -42,6 +43,30 @@ WARMUP_STEPS=${WARMUP_STEPS:-0}
 ANNEAL_STEPS=${ANNEAL_STEPS:-0}
 PROJECT=${PROJECT:-tip_verl}
 EXPERIMENT=${EXPERIMENT:-qwen3_8b_to_1p7b_${RUN_NAME}_${TIP_RULE}_${TIP_RATIO}}
+
+# Ray workers inherit the environment of their node's `ray start`, not this shell's: on a cluster started
+# beforehand (docs/multinode.md) the run's own variables reach them only through the job's runtime_env. Passed
+# when set: verl's file logger path (written by the trainer process, on whichever node Ray put it) and the
+# names listed in RAY_ENV_VARS. Never secrets: verl prints ray_init's arguments. Quoted, so hydra keeps strings.
+RAY_JOB_ENV=()
+for name in VERL_FILE_LOGGER_PATH VERL_FILE_LOGGER_ROOT ${RAY_ENV_VARS:-}; do
+    if [[ -n "${!name:-}" ]]; then
+        RAY_JOB_ENV+=("+ray_kwargs.ray_init.runtime_env.env_vars.${name}='${!name}'")
+    fi
+done
+
+# Several nodes: Ray's token authentication stays on, and this driver sends the cluster's token (RAY_AUTH_TOKEN,
+# RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): Ray enables it on its own only for a cluster it finds on this
+# node, never for an explicit address (RAY_ADDRESS, ray_kwargs.ray_init.address).
+if (( NNODES > 1 )); then
+    if [[ "${RAY_AUTH_MODE:-token}" != token ]]; then
+        echo "RAY_AUTH_MODE=${RAY_AUTH_MODE}: a Ray cluster without token authentication runs any job anyone who" \
+            "reaches its ports submits. Start every node and run this script with RAY_AUTH_MODE=token and the" \
+            "cluster's token (docs/multinode.md)." >&2
+        exit 1
+    fi
+    export RAY_AUTH_MODE=token
+fi
 
 MAX_PROMPT=1024
 MAX_RESPONSE=4096
@@ -96,6 +121,7 @@ COMMON=(
     trainer.save_freq=50
     trainer.test_freq=10
     trainer.total_epochs=1
+    "${RAY_JOB_ENV[@]}"
 )
 
 FSDP_ACTOR=(

@@ -15,19 +15,26 @@
 # Every node needs the same Python environment (verl 0.9.1 + tip-verl installed: verl loads tip-verl's plugin
 # in every Ray worker), the models and the data at the same paths (a shared file system, or copies).
 #
-# Start the Ray cluster first (see docs/multinode.md):
-#   head node:    ray start --head --port=6379 --dashboard-host=0.0.0.0
+# Start the Ray cluster first, with token authentication on every node (docs/multinode.md, section 2):
+#   every node:   export RAY_AUTH_MODE=token, and the head's token in ~/.ray/auth_token (mode 600)
+#   head node:    ray get-auth-token --generate >/dev/null   (once: writes ~/.ray/auth_token)
+#                 ray start --head --node-ip-address=<head-ip> --port=6379
 #   other nodes:  ray start --address=<head-ip>:6379
-#   check:        ray status   (expect NNODES nodes, 8 * NNODES GPUs)
-# then run this script on the head node: verl's ray.init() joins the running cluster. From another machine,
-# submit it instead: ray job submit --address=http://<head-ip>:8265 --working-dir . -- bash <this script>.
+#   check:        ray status --address=<head-ip>:6379   (expect NNODES nodes, 8 * NNODES GPUs)
+# then run this script on the head node, with RAY_AUTH_MODE=token and the token (the script refuses
+# RAY_AUTH_MODE=disabled): verl's ray.init() joins the running cluster (leave ray_kwargs.ray_init.num_cpus and
+# num_gpus null: Ray refuses them when joining). Variables the run reads in its workers are not inherited from
+# this shell: VERL_FILE_LOGGER_PATH goes to them through the job's runtime_env, and so does any name listed in
+# RAY_ENV_VARS; the rest must be in every node's environment before its `ray start`.
+# The dashboard (job submission, plain HTTP) stays on the head's localhost: reach it over ssh (docs/multinode.md).
 #
 # Data: verl's MATH parquet
 # (python3 examples/data_preprocess/math_dataset.py in verl's repository writes ~/data/math/*.parquet).
 #
 # Knobs (environment): STUDENT_MODEL, TEACHER_MODEL, TRAIN_FILES, VAL_FILES, TIP_RULE (soft_or),
 #   TIP_RATIO (0.5), TIP_MIX (replace|add|teacher_only), TIP_COEF (1.0), ROLLOUT_N (8),
-#   NNODES (4), STUDENT_GPUS (6 per node), TEACHER_GPUS (2 per node), TEACHER_TP (1), PROJECT, EXPERIMENT.
+#   NNODES (4), STUDENT_GPUS (6 per node), TEACHER_GPUS (2 per node), TEACHER_TP (1), PROJECT, EXPERIMENT,
+#   RAY_ENV_VARS (names of further variables to pass to the Ray workers).
 # Shared settings (data, actor, rollout, teacher, trainer, the two TIP routes): common_qwen3_8b_to_1p7b.sh;
 # the batch sizes (96 prompts, mini-batches of 48 per node), trainer.nnodes and distillation.nnodes follow NNODES.
 # Any further hydra override can be appended: bash run_qwen3_8b_to_1p7b_hybrid_multinode.sh trainer.total_epochs=2

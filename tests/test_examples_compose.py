@@ -163,3 +163,27 @@ def test_a_broken_script_fails(tmp_path, old, new, error, match):
         (tmp_path / name).write_text(text)
     with pytest.raises(error, match=match):
         validate(compose_verl(script_arguments(tmp_path / script)))
+
+
+def test_multinode_script_passes_the_run_env_to_its_workers_and_keeps_token_auth(monkeypatch):
+    """Ray workers of a running cluster do not inherit the launching shell: the scripts hand them the file
+    logger's path (and the names in RAY_ENV_VARS) through the job's runtime_env, as strings, leave num_cpus and
+    num_gpus null (Ray refuses them when joining), and refuse to run several nodes without token authentication."""
+    from ray.runtime_env import RuntimeEnv
+
+    script = REPO / "examples" / "run_qwen3_8b_to_1p7b_hybrid_multinode.sh"
+    passed = {"VERL_FILE_LOGGER_PATH": "/shared/run 1/metrics.jsonl", "WANDB_MODE": "offline", "TIP_TEST_NUMBER": "1"}
+    for name, value in passed.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RAY_ENV_VARS", "WANDB_MODE TIP_TEST_NUMBER")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    config = compose_verl(script_arguments(script))
+    ray_init = config.ray_kwargs.ray_init
+    env_vars = dict(ray_init.runtime_env.env_vars)
+    assert env_vars == passed
+    RuntimeEnv(env_vars=env_vars)  # Ray's own check: names and values must be strings
+    assert ray_init.num_cpus is None and ray_init.get("num_gpus") is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        script_arguments(script)
+    assert b"RAY_AUTH_MODE=token" in refused.value.stderr
