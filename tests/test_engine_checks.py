@@ -64,8 +64,12 @@ def test_fused_forward_hands_the_loss_no_topk_kl():
     engine = SimpleNamespace(use_ulysses_sp=False)  # the engine state prepare_model_outputs reads on this path
     engine._gather_and_unpad_packed = partial(FSDPEngineWithLMHead._gather_and_unpad_packed, engine)
     kernel_output = SimpleNamespace(log_probs=torch.rand(1, total), entropy=torch.rand(1, total))
-    output_args = {"input_ids_rmpad_rolled": torch.zeros(total, dtype=torch.long), "temperature_rmpad": torch.ones(total),
-                   "pad_size": 0, "temperature_is_one": True}
+    output_args = {
+        "input_ids_rmpad_rolled": torch.zeros(total, dtype=torch.long),
+        "temperature_rmpad": torch.ones(total),
+        "pad_size": 0,
+        "temperature_is_one": True,
+    }
     actor, distill = configs(case, "fsdp2")
     loss_fn = partial(compute_tip_topk_loss, actor, distill)
     model_output = FSDPEngineWithLMHead.prepare_model_outputs(engine, kernel_output, output_args, data, loss_fn)
