@@ -214,7 +214,8 @@ def lm_head_backward(
     block = vocab_chunk_size if sum_w_wide else vocab
     split = block < vocab
     grad_h = torch.zeros(h_sel.shape, dtype=cdt if split else h_sel.dtype, device=h_sel.device) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
+    # one block summed in float32 is cast whole at the end; several are cast into the head gradient block by block
+    grad_w = torch.zeros_like(weight) if need_w and not (sum_w_wide and not split) else None
     grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
     ac_dev, ac_dtype, ac_on = autocast
     for v0 in range(0, vocab, block):
@@ -247,9 +248,11 @@ def lm_head_backward(
             elif need_h:
                 grad_h[s:e] = (gz @ w_block).to(h_sel.dtype)
             del gz
-        if sum_w_wide:
+        if sum_w_wide and split:
             grad_w[v0:v1] = w_sum
-            del w_sum
+        elif sum_w_wide:
+            grad_w = w_sum.to(weight.dtype)
+        del w_sum
     if need_h and split:
         grad_h = grad_h.to(h_sel.dtype)
     if need_b:
