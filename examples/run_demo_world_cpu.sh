@@ -7,8 +7,9 @@
 # checker as the custom reward function; tip_opd (trainer.v1.trainer_mode=tip_sync) with the local demo's
 # defaults (LoopConfig: rule, ratio, mix, learning rate and warm-up, batch shape, temperature, steps, evaluation
 # interval), read at export time, printed, and written to $WORLD_DIR/verl_overrides.txt. Through tip-verl's CPU
-# mode (docs/cpu_mode.md): FSDP2 actor on 2 gloo ranks, an `hf` rollout server per rank, one `hf` teacher
-# replica, greedy validation on the held-out split before training and every eval_every steps.
+# mode (docs/cpu_mode.md): FSDP2 actor on 2 gloo ranks, verl's vLLM rollout (vLLM's CPU build, one engine per
+# rank) and one vLLM teacher engine, greedy validation on the held-out split before training and every
+# eval_every steps.
 # Ends with: validation accuracy: <start> -> <end> (teacher <t>) in <N> steps, <S> s
 #
 # How long on 2 shared CPU cores (8 prompts x 8 rollouts, responses up to 30 tokens): 1-5 min of start-up,
@@ -17,9 +18,9 @@
 # 30-60 minutes.
 #
 # What still differs from the local loop (docs/cpu_mode.md, "The demo's world in verl"): the sampling RNG
-# (other rollouts, so the curves agree within the seed-to-seed spread, not token for token), float reductions
-# across 2 FSDP ranks, one rollout at a time instead of a batch, and validation at verl's step 0 and every
-# test_freq steps (the local loop also evaluates at its last step; so does verl).
+# (other rollouts, so the curves agree within the seed-to-seed spread, not token for token), float rounding
+# (2 FSDP ranks, vLLM's kernels), and validation at verl's step 0 and every test_freq steps (the local loop
+# also evaluates at its last step; so does verl).
 #
 # Usage: bash examples/run_demo_world_cpu.sh [extra hydra overrides...]
 #   TASK=add3_scratch          a task of the local demo (`tip-verl demo --task`; the demo's default is
@@ -36,7 +37,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TASK=${TASK:-add3_scratch}
 WORLD_DIR=${WORLD_DIR:-${HOME}/.cache/tip-verl/demo_world/${TASK}}
 OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/demo_world_${TASK}}
-N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one hf rollout server each
+N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one vLLM rollout engine each
 
 export TIP_VERL_CPU=1
 export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
@@ -44,6 +45,8 @@ export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}
+export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+KV_CACHE_BYTES=$((64 * 1024 * 1024))  # per vLLM engine (the vLLM settings are those of run_tiny_cpu.sh)
 
 python3 -m tip_verl.cpu.export_world --task "${TASK}" --route "${ROUTE:-advantage}" --out "${WORLD_DIR}" \
     ${STEPS:+--steps "${STEPS}"}
@@ -73,7 +76,12 @@ CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32
-    actor_rollout_ref.rollout.name=hf
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.load_format=dummy
+    +actor_rollout_ref.rollout.enable_sleep_mode=false
+    actor_rollout_ref.rollout.free_cache_engine=false
+    actor_rollout_ref.rollout.enforce_eager=true
+    +actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
     actor_rollout_ref.rollout.mode=async
     actor_rollout_ref.rollout.dtype=float32
     actor_rollout_ref.rollout.tensor_model_parallel_size=1
@@ -85,9 +93,14 @@ CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
     distillation.n_gpus_per_node=1
     distillation.nnodes=1
     distillation.teacher_models.teacher_model.num_replicas=1
-    distillation.teacher_models.teacher_model.inference.name=hf
+    distillation.teacher_models.teacher_model.inference.name=vllm
+    distillation.teacher_models.teacher_model.inference.load_format=auto
     distillation.teacher_models.teacher_model.inference.dtype=float32
     distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1
+    +distillation.teacher_models.teacher_model.inference.enable_sleep_mode=false
+    distillation.teacher_models.teacher_model.inference.free_cache_engine=false
+    distillation.teacher_models.teacher_model.inference.enforce_eager=true
+    +distillation.teacher_models.teacher_model.inference.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
     trainer.use_v1=true
     trainer.device=cpu
     trainer.n_gpus_per_node="${N_PROCS}"
@@ -107,7 +120,7 @@ CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
 
 mkdir -p "${OUT_DIR}"
 started=$(date +%s)
-python3 -m verl.trainer.main_ppo "${WORLD[@]}" "${CPU[@]}" "${LOCAL_LOOP[@]}" "$@"
+python3 -m tip_verl.cpu.shm python3 -m verl.trainer.main_ppo "${WORLD[@]}" "${CPU[@]}" "${LOCAL_LOOP[@]}" "$@"
 set +x
 python3 -m tip_verl.cpu.export_world --out "${WORLD_DIR}" --report "${VERL_FILE_LOGGER_PATH}" \
     --seconds $(( $(date +%s) - started ))

@@ -4,13 +4,15 @@
 # What it runs: tip_opd (TIP token selection + GRPO, trainer.v1.trainer_mode=tip_sync) on a tiny
 # Llama-style student (random init, built from a config) on a one-word addition task with a
 # rule-based reward, through tip-verl's CPU mode (TIP_VERL_CPU=1): FSDP2 trainer on 2 gloo ranks,
-# a reference model, an `hf` rollout server per rank with weight sync from the trainer after every
-# step, teacher log-probs through verl's own distillation teacher path (distillation.enabled=true,
-# a tiny teacher served by the `hf` backend), validation, checkpoints, resume.
+# a reference model, verl's own vLLM rollout (vLLM's CPU build, one engine per rank, starting from
+# random weights) with weight sync from the trainer before the first step and after every step,
+# teacher log-probs through verl's own distillation teacher path (distillation.enabled=true, a tiny
+# teacher served by one vLLM engine), validation, checkpoints, resume.
 # Tokenizer, models and data are built locally and cached in $TINY_DIR (nothing is downloaded).
+# The shared-memory segments the vLLM engines leave in /dev/shm are removed when the run ends.
 #
-# How long: ~1.5-2 min on 2 idle CPU cores for the default 3 steps: ~1 min of process start-up,
-# ~15 s for the first step, ~3 s for each later one.
+# How long: ~3-4 min on 2 shared CPU cores for the default 3 steps: ~2-3 min of process start-up
+# (each vLLM engine is 3 processes), ~30 s for the first step, ~3 s for each later one.
 #
 # Usage: bash examples/run_tiny_cpu.sh [extra hydra overrides...]
 #   ALGO=grpo                       plain GRPO instead of tip_opd (still with the teacher if TEACHER=1)
@@ -24,9 +26,9 @@ TINY_DIR=${TINY_DIR:-${HOME}/.cache/tip-verl/tiny_cpu}
 OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/tiny_cpu}
 TEACHER=${TEACHER:-1}
 ALGO=${ALGO:-tip_opd}
-N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one hf rollout server each
+N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one vLLM rollout engine each
 
-export TIP_VERL_CPU=1                        # switches tip-verl's CPU mode on (platform, engine, hf rollout)
+export TIP_VERL_CPU=1                        # switches tip-verl's CPU mode on (platform, engines, vLLM shims)
 # Load tip-verl in every verl process even when the package's verl.plugins entry point is not
 # installed (e.g. a source checkout); CPU mode first, as our entry point does.
 export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
@@ -34,6 +36,8 @@ export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}  # verl file logger (one JSON line per step)
+# vLLM's CPU build: no pinning of its OpenMP threads to cores (every engine would pin itself to the same ones)
+export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 
 python3 -m tip_verl.cpu.prepare --out "${TINY_DIR}"
 
@@ -72,8 +76,20 @@ ACTOR=(
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32
 )
 
+# verl's vLLM engine on vLLM's CPU build: no sleep mode or CUDA graphs on the CPU, and a KV cache of 64 MiB per
+# engine (by default vLLM takes gpu_memory_utilization of the host's RAM for each; VLLM_CPU_KVCACHE_SPACE, if
+# set, overrides it in whole GiB)
+KV_CACHE_BYTES=$((64 * 1024 * 1024))
+VLLM_CPU=(
+    +actor_rollout_ref.rollout.enable_sleep_mode=false
+    actor_rollout_ref.rollout.free_cache_engine=false
+    actor_rollout_ref.rollout.enforce_eager=true
+    +actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
+)
+
 ROLLOUT=(
-    actor_rollout_ref.rollout.name=hf
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.load_format=dummy   # random weights until verl's first weight sync
     actor_rollout_ref.rollout.mode=async
     actor_rollout_ref.rollout.dtype=float32
     actor_rollout_ref.rollout.n=4
@@ -94,9 +110,14 @@ if [[ "${TEACHER}" == "1" ]]; then
         distillation.distillation_loss.use_task_rewards=true
         distillation.teacher_models.teacher_model.model_path="${TINY_DIR}/teacher"
         distillation.teacher_models.teacher_model.num_replicas=1
-        distillation.teacher_models.teacher_model.inference.name=hf
+        distillation.teacher_models.teacher_model.inference.name=vllm
+        distillation.teacher_models.teacher_model.inference.load_format=auto   # the teacher's own weights
         distillation.teacher_models.teacher_model.inference.dtype=float32
         distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1
+        +distillation.teacher_models.teacher_model.inference.enable_sleep_mode=false
+        distillation.teacher_models.teacher_model.inference.free_cache_engine=false
+        distillation.teacher_models.teacher_model.inference.enforce_eager=true
+        +distillation.teacher_models.teacher_model.inference.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
     )
 fi
 
@@ -132,5 +153,6 @@ TRAINER=(
     hydra.run.dir="${OUT_DIR}/hydra"        # hydra's own logs, not in the working directory
 )
 
-python3 -m verl.trainer.main_ppo \
-    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${ALGORITHM[@]}" "${TRAINER[@]}" "$@"
+# tip_verl.cpu.shm runs the trainer, then removes the shared-memory segments its vLLM processes left in /dev/shm
+python3 -m tip_verl.cpu.shm python3 -m verl.trainer.main_ppo \
+    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${VLLM_CPU[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${ALGORITHM[@]}" "${TRAINER[@]}" "$@"

