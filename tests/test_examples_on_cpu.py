@@ -10,7 +10,8 @@ appended to the tiny CPU run for 2 steps, and verl's metrics show that what the 
 - loss route (``loss_mode=tip_*``): verl's distillation loss and our ``tip_loss/`` metrics present and finite,
   the selection at the script's ratio, the schedule's coefficient multiplier at each step.
 
-Only algorithm settings are appended; the hardware ones (vLLM, Megatron, GPU counts, nodes) stay the CPU run's.
+Only algorithm settings are appended; the hardware ones (Megatron, GPU counts, nodes, the vLLM engines' GPU
+settings) stay the CPU run's, whose rollout and teacher are verl's vLLM engines too, on vLLM's CPU build.
 The tiny run starts with ``ALGO=grpo`` (its own ``tip_opd`` section would collide with the script's
 ``+algorithm.tip.*`` keys) and the script's settings then replace its algorithm section; the test checks, in the
 config hydra saved for the run, that they did. Responses are up to 10 tokens (4 in ``run_tiny_cpu.sh``), so a
@@ -20,9 +21,9 @@ Scripts whose algorithm settings are identical run once: the FSDP, Megatron and 
 only in backend and resources and share one advantage-route section (``test_every_script_has_a_cpu_run`` checks
 that every script runs with its default settings, ``test_scripts_of_a_run_share_its_algorithm_settings`` that
 the scripts of a run agree). One more run takes the pure OPD script's top-k knobs (``LOSS_MODE=
-tip_entropy_aware_topk``, the teacher's top-k log-probs from the ``hf`` teacher, and a linear schedule that
-halves the teacher coefficient at step 2). Five runs, about 7-8 minutes on 2 cores (mostly process start-up);
-marked e2e.
+tip_entropy_aware_topk``, the teacher's top-k log-probs from the vLLM teacher, whose probability mass reaches
+the loss, and a linear schedule that halves the teacher coefficient at step 2). Five runs, about 15-20 minutes
+on 2 shared cores (mostly process start-up); marked e2e.
 """
 
 import math
@@ -39,7 +40,7 @@ from test_examples_compose import (
 from test_verl_cpu_e2e import by_step, run_tiny
 
 from tip_verl.core.schedule import teacher_coef_multiplier
-from tip_verl.verl_ext.losses import check_loss_route
+from tip_verl.verl_ext.losses import TOPK_LOSSES, check_loss_route
 
 STEPS = 2
 MAX_RESPONSE = 10
@@ -160,3 +161,5 @@ def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
                 step - 1, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
             )
             assert metrics["actor/tip_loss/coef_multiplier"] == pytest.approx(expected)
+            if summary["loss_mode"] in TOPK_LOSSES:  # the vLLM teacher's top-k log-probs: their mass, at most 1
+                assert 0.0 < finite(metrics, "actor/distillation/teacher_mass") <= 1.0 + 1e-6
