@@ -53,6 +53,9 @@ TRUST_METHODS = {  # the checker-verified teacher (tip_verl.core.trust): GRPO al
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace", "teacher_trust": "checked"}},
     "OPD all tokens, checked teacher": {
         "tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only", "teacher_trust": "checked"}},
+    # and the teacher's own greedy answer to each prompt graded by the checker (the demo loop only)
+    "soft_or 50% + GRPO (replace), verified teacher": {
+        "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace", "teacher_trust": "verified"}},
 }
 ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
