@@ -44,7 +44,7 @@ from tip_verl.core.distill_losses import ENTROPY_RULES
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.cpu import cpu_mode_requested
 from tip_verl.cpu.checks import check_cpu_mode_config
-from tip_verl.verl_ext.estimator import TIP_OPD
+from tip_verl.verl_ext.estimator import TIP_OPD, check_teacher_trust
 from tip_verl.verl_ext.losses import check_loss_route, check_sampled_token_teacher, loss_route_settings
 from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
@@ -156,6 +156,7 @@ class TipSyncTrainer(PPOTrainerSync):
         if cpu_mode_requested():
             check_cpu_mode_config(config)
         check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
+        check_teacher_trust(config)
         check_trainer_selection(config)
         self.updates_selected_only = updates_selected_only(config)
         self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
