@@ -11,7 +11,9 @@ appended to the tiny CPU run for 2 steps, and verl's metrics show that what the 
   the selection at the script's ratio, the schedule's coefficient multiplier at each step.
 
 Only algorithm settings are appended; the hardware ones (Megatron, GPU counts, nodes, the vLLM engines' GPU
-settings) stay the CPU run's, whose rollout and teacher are verl's vLLM engines too, on vLLM's CPU build.
+settings) stay the CPU run's, whose rollout and teacher are verl's vLLM engines too, on vLLM's CPU build. One run
+per route (``GPU_STYLE_RUNS``) also takes the GPU scripts' batch and precision settings (``GPU_STYLE``:
+remove-padding, gradient checkpointing, dynamic batch sizes, 2 mini-batches, 2 epochs, bf16).
 The tiny run starts with ``ALGO=grpo`` (its own ``tip_opd`` section would collide with the script's
 ``+algorithm.tip.*`` keys) and the script's settings then replace its algorithm section; the test checks, in the
 config hydra saved for the run, that they did. Responses are up to 10 tokens (4 in ``run_tiny_cpu.sh``), so a
@@ -56,6 +58,26 @@ RUNS = {  # one CPU run per distinct algorithm section: (the scripts it stands f
     "opd_soft_or_topk_linear": (("run_qwen3_8b_to_1p7b_opd_soft_or.sh",), TOPK_KNOBS),
     "opd_q3_10pct": (("run_qwen3_8b_to_1p7b_opd_q3_10pct.sh",), {}),
     "opd_selected_head": (("run_qwen3_8b_to_1p7b_opd_selected_head.sh",), {}),
+}
+# The batch and precision settings of the GPU scripts (examples/common_qwen3_8b_to_1p7b.sh, verl's bf16), on one
+# run per route: packed sequences, gradient checkpointing, micro-batches of at most 64 tokens, 2 mini-batches of
+# run_tiny_cpu.sh's 4 prompts, 2 epochs, bf16 in the actor, the reference and both vLLM engines.
+GPU_STYLE_RUNS = ("hybrid", "opd_soft_or_topk_linear")
+GPU_STYLE = {
+    "actor_rollout_ref.model.use_remove_padding": True,
+    "actor_rollout_ref.model.enable_gradient_checkpointing": True,
+    "actor_rollout_ref.actor.use_dynamic_bsz": True,
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": 64,
+    "actor_rollout_ref.actor.ppo_mini_batch_size": 2,
+    "actor_rollout_ref.actor.ppo_epochs": 2,
+    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": True,
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": 64,
+    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": True,
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": 64,
+    "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype": "bf16",
+    "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype": "bf16",
+    "actor_rollout_ref.rollout.dtype": "bfloat16",
+    "distillation.teacher_models.teacher_model.inference.dtype": "bfloat16",
 }
 LOSS_ROUTE_METRICS = (
     "actor/distillation/loss",
@@ -119,6 +141,7 @@ def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
     args = next(iter(run_arguments(run, monkeypatch).values()))
     config = compose_verl(args)
     summary = algorithm_summary(config)
+    gpu_style = GPU_STYLE if run in GPU_STYLE_RUNS else {}
     records = run_tiny(
         tiny_dir,
         tmp_path,
@@ -129,10 +152,12 @@ def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
         "trainer.test_freq=-1",
         f"data.max_response_length={MAX_RESPONSE}",
         *algorithm_overrides(args),
+        *(f"{key}={str(value).lower()}" for key, value in gpu_style.items()),
         script_env={"ALGO": "grpo"},
     )
     ran = OmegaConf.load(tmp_path / "hydra" / ".hydra" / "config.yaml")
     assert algorithm_summary(ran) == summary, "the script's settings must replace the tiny run's"
+    assert {key: OmegaConf.select(ran, key) for key in gpu_style} == gpu_style
     assert ran.distillation.distillation_loss == config.distillation.distillation_loss
 
     steps = by_step(records)
