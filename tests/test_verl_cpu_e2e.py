@@ -274,30 +274,32 @@ def test_cpu_mode_stops_on_a_cuda_torchvision(tmp_path):
 
 
 LEAK = """
-import os, sys, time
+import multiprocessing, os, sys, time
 from multiprocessing import resource_tracker, shared_memory
 segment = shared_memory.SharedMemory(create=True, size=4096)
-resource_tracker.unregister(segment._name, "shared_memory")  # as when Ray kills the tracker too
-print(segment.name, flush=True)
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, sem.mp-*
+for name, kind in ((segment._name, "shared_memory"), (lock._semlock.name, "semaphore")):
+    resource_tracker.unregister(name, kind)  # as when Ray kills the resource tracker too
+print(segment.name, "sem." + lock._semlock.name.lstrip("/"), flush=True)
 time.sleep(float(sys.argv[1]))
 os._exit(0)  # as a killed process: no unlink
 """
 
 
-def test_shm_cleanup_removes_only_its_commands_segments(tmp_path, capfd):
+def test_shm_cleanup_removes_only_its_commands_segments(capfd):
+    """The grandchild lives 0.5 s, far less than the poll interval: its segments are found when created."""
     from multiprocessing import shared_memory
 
     other = shared_memory.SharedMemory(create=True, size=4096)  # another process's segment, alive meanwhile
     try:
-        poll_s = 0.1
-        command = ["bash", "-c", f'{sys.executable} -c "$0" {10 * poll_s}; exit $?', LEAK]  # python: a grandchild
-        status = shm.run_and_clean(command, poll_s=poll_s)
+        command = ["bash", "-c", f'{sys.executable} -c "$0" 0.5; exit $?', LEAK]  # python: a grandchild
+        status = shm.run_and_clean(command, poll_s=600)
         out, err = capfd.readouterr()
-        leaked = out.split()[-1]
+        leaked = out.split()[-2:]
         assert status == 0
-        assert not (shm.SHM_DIR / leaked).exists(), "the grandchild's leaked segment must be removed"
+        assert not [name for name in leaked if (shm.SHM_DIR / name).exists()], "the leaked segments must go"
         assert (shm.SHM_DIR / other.name).exists(), "a segment of no process of the command stays"
-        assert removed_segments(err) == [leaked]
+        assert removed_segments(err) == sorted(leaked)
     finally:
         other.close()
         other.unlink()
