@@ -42,6 +42,29 @@ BACKEND_PATCH = "verl-0.9.1-cpu-process-group-backend.diff"
 REMOVED_LINE = "tip_verl.cpu.shm: removed "
 
 
+def run_script(overrides, env: dict, log_path: Path, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    """Run ``examples/run_tiny_cpu.sh`` with hydra ``overrides`` and exactly ``env``, its output in ``log_path``;
+    fail the test, with the log's tail, on a timeout or a non-zero exit."""
+    with open(log_path, "w") as log:
+        # Own session, so a timeout stops the trainer and its Ray cluster too, not only bash.
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT), *overrides],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"run_tiny_cpu.sh took over {timeout_s} s; log: {log_path}")
+    if returncode != 0:
+        pytest.fail(f"run_tiny_cpu.sh exited {returncode}; log tail:\n{log_path.read_text()[-6000:]}")
+
+
 def run_tiny(
     tiny_dir: Path, out_dir: Path, metrics_path: Path, *overrides: str, script_env: dict | None = None
 ) -> list[dict]:
@@ -55,26 +78,7 @@ def run_tiny(
         "VERL_FILE_LOGGER_PATH": str(metrics_path),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"{metrics_path.stem}.log"
-    with open(log_path, "w") as log:
-        # Own session, so a timeout stops the trainer and its Ray cluster too, not only bash.
-        process = subprocess.Popen(
-            ["bash", str(SCRIPT), *overrides],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
-        try:
-            returncode = process.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"run_tiny_cpu.sh took over {RUN_TIMEOUT_S} s; log: {log_path}")
-    if returncode != 0:
-        tail = log_path.read_text()[-6000:]
-        pytest.fail(f"run_tiny_cpu.sh exited {returncode}; log tail:\n{tail}")
+    run_script(overrides, env, out_dir / f"{metrics_path.stem}.log")
     return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
 
 

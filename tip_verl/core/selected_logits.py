@@ -165,11 +165,11 @@ def checked_vocab_chunk_size(vocab_chunk_size: Optional[int], chunk_size: int, w
 _ADDMM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 
-def _accumulates_low_in_float32(gz: torch.Tensor, weight: torch.Tensor) -> bool:
+def _accumulates_low_in_float32(weight: torch.Tensor, cdt: torch.dtype) -> bool:
     """Whether a float32 sum of products of the bf16/fp16 head can use the low-precision matmul with a
     float32 output: on CUDA it runs at the bf16 rate and sums exactly; elsewhere a float32 matmul does."""
     return (
-        _ADDMM_OUT_DTYPE and gz.is_cuda and gz.dtype == torch.float32
+        _ADDMM_OUT_DTYPE and weight.is_cuda and cdt == torch.float32
         and weight.dtype in (torch.bfloat16, torch.float16)
     )
 
@@ -213,6 +213,7 @@ def lm_head_backward(
     sum_w_wide = need_w and weight.dtype != cdt and n > chunk_size
     block = vocab_chunk_size if sum_w_wide else vocab
     split = block < vocab
+    exact_low = sum_w_wide and _accumulates_low_in_float32(weight, cdt)
     grad_h = torch.zeros(h_sel.shape, dtype=cdt if split else h_sel.dtype, device=h_sel.device) if need_h else None
     # one block summed in float32 is cast whole at the end; several are cast into the head gradient block by block
     grad_w = torch.zeros_like(weight) if need_w and not (sum_w_wide and not split) else None
@@ -233,7 +234,6 @@ def lm_head_backward(
                 gz.div_(temperature)
             if need_b:
                 grad_b[v0:v1] += gz.sum(0)
-            exact_low = sum_w_wide and _accumulates_low_in_float32(gz, weight)
             if sum_w_wide and not exact_low:
                 w_sum.addmm_(gz.t(), h_sel[s:e].to(cdt))
             gz = gz.to(weight.dtype)
