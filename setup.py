@@ -11,14 +11,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tip_verl", "tip_verl.*"]),
     include_package_data=True,
-    package_data={"tip_verl": ["assets/*", "assets/**/*", "config/*.yaml"]},
+    package_data={"tip_verl": ["assets/*", "assets/**/*"]},
     install_requires=[
         # No exact pin: next to verl's GPU extras (torch==2.11.0 under vLLM / SGLang / Megatron) we keep their torch.
         "torch>=2.6",
         "verl[verl-core]==0.9.1",
         "transformers>=4.56,<5.11",
         "ray>=2.47",
-        "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "pandas>=2",

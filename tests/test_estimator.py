@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
 import tip_verl.verl_ext.plugin  # noqa: F401  (also loaded by verl's entry point; explicit for clarity)
+from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
@@ -73,13 +74,25 @@ def test_replace_values_written_out():
 
 
 def test_defaults_are_soft_or_half_k3_replace():
-    config = OmegaConf.create({"adv_estimator": "tip_opd"})  # no tip section: the defaults
-    with tip_step(TipStep()) as step:
-        get_adv_estimator_fn("tip_opd")(
-            token_level_rewards=token_level_rewards(), response_mask=MASK, index=INDEX, config=config,
-            old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY,
-        )
-    assert step.tokens.selected.sum(dim=1).tolist() == [1, 1, 1, 1]  # max(1, floor(0.5 * m))
+    defaults = TipConfig()
+    assert (defaults.rule, defaults.ratio, defaults.divergence, defaults.mix, defaults.coef) == (
+        "soft_or", 0.5, "k3", "replace", 1.0
+    )
+
+    def run_with(tip):
+        config = OmegaConf.create({"adv_estimator": "tip_opd", **({"tip": tip} if tip is not None else {})})
+        with tip_step(TipStep(step=0)) as step:
+            advantages, _ = get_adv_estimator_fn("tip_opd")(
+                token_level_rewards=token_level_rewards(), response_mask=MASK, index=INDEX, config=config,
+                old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY,
+            )
+        return advantages, step.tokens.selected
+
+    advantages, selected = run_with(None)  # no tip section: the defaults
+    explicit = run_with({"rule": "soft_or", "ratio": 0.5, "divergence": "k3", "mix": "replace", "coef": 1.0})
+    assert selected.sum(dim=1).tolist() == [1, 1, 1, 1]  # max(1, floor(0.5 * m))
+    assert torch.equal(selected, explicit[1])
+    torch.testing.assert_close(advantages, explicit[0])
 
 
 def test_inputs_from_trainer_step_and_metrics():

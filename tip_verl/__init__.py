@@ -1,9 +1,11 @@
 """tip-verl: token-importance on-policy distillation (TIP) mixed with GRPO, as a verl plugin.
 
 Layers, bottom to top:
-  tip_verl.core      pure tensor functions (scores, selection, advantages), no verl import
+  tip_verl.core      pure tensor functions (scores, selection, advantages, losses), no verl import
   tip_verl.verl_ext  thin adapters that register the core with verl (estimator, trainer, losses)
-  drivers            CLI, the local loop, launch scripts in examples/
+  tip_verl.cpu       CPU mode for verl's own trainer (platform, vLLM CPU shims, /dev/shm cleanup)
+  tip_verl.local     the CPU demo: its world (tasks, tiny models) and its training loop
+  drivers            tip_verl.cli (the `tip-verl` command), launch scripts in examples/
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The `tip-verl` command line: subcommands for the embedded CPU world (more can be added to SUBCOMMANDS)."""
+"""The `tip-verl` command line: `demo` and `prepare` (the CPU demo and its models), and `doctor` (checks a node
+before a verl run)."""
 
 from __future__ import annotations
 
