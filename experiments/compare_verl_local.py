@@ -12,7 +12,7 @@ vocabulary, verl's `tip_forward_kl_topk` at topk = vocabulary) the loss at the s
 Prints the accuracy at each evaluation, the gap between verl and the local mean, and whether it lies within the
 local seeds' range.
 
-    nice python benchmarks/compare_verl_local.py --out verl-vs-local --steps 200 --eval-every 25 --seeds 0 1 2
+    nice python experiments/compare_verl_local.py --out verl-vs-local --steps 200 --eval-every 25 --seeds 0 1 2
 
 Finished runs are reused when the command is run again (a local run resumes from its checkpoint; the verl run is
 skipped once its summary exists; --verl-metrics reads a finished verl run's metrics.jsonl instead).

@@ -10,9 +10,9 @@ final accuracy on the problems the student was taught wrong and on the others, a
 distillation run's first batch (default median split): does the confident mistake populate Q3, and how fast is
 it corrected?
 
-    nice python benchmarks/probe_mistaken_student.py --out probe20 --stop-at 0.20 --steps 300
-    nice python benchmarks/probe_mistaken_student.py --out probe35 --stop-at 0.35
-    nice python benchmarks/probe_mistaken_student.py --out probe-converged --converged --steps 300
+    nice python experiments/probe_mistaken_student.py --out probe20 --stop-at 0.20 --steps 300
+    nice python experiments/probe_mistaken_student.py --out probe35 --stop-at 0.35
+    nice python experiments/probe_mistaken_student.py --out probe-converged --converged --steps 300
 
 --stop-at is on the real task's checker, so at most about 50% (the flawed half is always wrong). The student is
 saved under --out and reused; each run resumes from its checkpoint.

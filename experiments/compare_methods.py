@@ -8,7 +8,7 @@ evaluations of one held-out set is biased upward, so it is not reported), the ar
 steps, the share of response tokens in the loss, the peak activation memory of a training step and the process'
 peak RSS, as mean +- the half-width of the 95% interval of the mean over seeds (Student's t).
 
-    nice python benchmarks/compare_methods.py --out bench-out --route loss --steps 300 --seeds 0 1 2 3 4 --workers 2
+    nice python experiments/compare_methods.py --out bench-out --route loss --steps 300 --seeds 0 1 2 3 4 --workers 2
 
 Each (route, method, seed) is its own resumable run under <out>/<route>/ (<out>/<task>/<route>/ for a
 --task other than the default): run the same command again, in this
