@@ -8,6 +8,7 @@ import torch
 from tip_verl.core.scores import (
     ORDER_SAMPLE_SIZE,
     divergence_estimate,
+    k3_estimate,
     masked_quantile,
     minmax_normalize,
     normalized_entropy,
@@ -39,6 +40,22 @@ def test_k3_is_unbiased_for_reverse_kl():
     ones = torch.ones(1, 3)
     k3 = divergence_estimate(teacher.log()[None], student.log()[None], ones, "k3")
     assert float((k3 * student).sum()) == pytest.approx(exact, rel=1e-5)
+
+
+def test_one_k3_whose_callers_differ_only_in_the_tail():
+    """The selection's k3 (scores) is exact everywhere; the loss route's (distill_losses) turns linear above 40."""
+    from tip_verl.core.distill_losses import K3_LINEAR_ABOVE, k3_divergence
+
+    log_ratio = torch.tensor([-30.0, -1.0, 0.0, 2.0, 39.0, 41.0, 60.0])
+    student = torch.zeros(1, 7)
+    selection = divergence_estimate(log_ratio[None], student, torch.ones(1, 7), "k3")[0]
+    loss_route = k3_divergence(student, log_ratio[None])[0]
+    below = log_ratio <= K3_LINEAR_ABOVE
+    assert torch.equal(selection[below], loss_route[below])
+    assert torch.equal(selection, k3_estimate(log_ratio))
+    tangent = math.expm1(40.0) - 40.0 + (log_ratio[~below] - 40.0) * math.expm1(40.0)
+    torch.testing.assert_close(loss_route[~below], tangent)
+    assert (selection[~below] > loss_route[~below]).all()  # exact e^x grows faster than its tangent
 
 
 def test_entropy_uniform_and_onehot():

@@ -18,10 +18,10 @@ import torch
 
 from tip_verl.core.config import build_section
 from tip_verl.core.schedule import check_schedule
-from tip_verl.core.scores import check_finite
-from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget
+from tip_verl.core.scores import check_finite, k3_estimate
+from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens, selection_budget
 
-ENTROPY_RULES = ("entropy", "entropy_sample", "soft_or", "q3")
+ENTROPY_RULES = rules_reading("entropy")
 ROUTE_DROP = "none"
 K3_LINEAR_ABOVE = 40.0  # log q where k3 turns linear: e^40 ~ 2.4e17, far from float32's 3.4e38
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -101,19 +101,17 @@ def check_loss_inputs(response_mask: torch.Tensor, **tensors: Optional[torch.Ten
 
 
 def k3_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
-    """k3 = (q - 1) - log q with log q = log pT(y_t) - log pS(y_t), per token, in at least float32. (B, T) -> (B, T).
+    """k3 of the sampled token, per token, in at least float32, linear above log q = K3_LINEAR_ABOVE. (B, T) -> (B, T).
 
     verl's `kl_penalty(..., "k3")` (and "low_var_kl", the same estimate) clamps log q to [-20, 20] and k3 to
     [-10, 10]: every token with log q above ~2.6 or below ~-11 gets a constant loss and no gradient, and a
     ranking on those values ties exactly the tokens where student and teacher disagree most. Here k3 is exact
     for log q <= K3_LINEAR_ABOVE and continues on its tangent above (slope e^40 - 1), so it stays finite and
-    monotone and every token keeps a gradient d k3 / d log pS = 1 - q. No bound below: e^(log q) -> 0 there.
+    monotone and every token keeps a gradient d k3 / d log pS = 1 - q (`tip_verl.core.scores.k3_estimate`).
     """
     dtype = torch.promote_types(student_log_probs.dtype, torch.float32)
     log_ratio = (teacher_log_probs - student_log_probs).to(dtype)
-    exact_part = log_ratio.clamp(max=K3_LINEAR_ABOVE)
-    excess = (log_ratio - K3_LINEAR_ABOVE).clamp(min=0.0)  # two one-sided clamps: no e^40 - e^40 in the gradient
-    return torch.expm1(exact_part) - exact_part + excess * math.expm1(K3_LINEAR_ABOVE)
+    return k3_estimate(log_ratio, linear_above=K3_LINEAR_ABOVE)
 
 
 def teacher_topk_entropy(teacher_topk_logprobs: torch.Tensor) -> torch.Tensor:

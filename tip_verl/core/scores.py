@@ -55,10 +55,24 @@ def divergence_estimate(
     elif kind == "abs_k1":
         estimate = log_ratio.abs()
     elif kind == "k3":
-        estimate = torch.expm1(log_ratio) - log_ratio
+        estimate = k3_estimate(log_ratio)
     else:
         raise ValueError(f"Unknown divergence estimate {kind!r}; set algorithm.tip.divergence to k1, abs_k1 or k3.")
     return estimate.masked_fill(~mask, 0.0)
+
+
+def k3_estimate(log_ratio: torch.Tensor, linear_above: Optional[float] = None) -> torch.Tensor:
+    """k3 = (q - 1) - log q per token, from log q = log pT(y_t) - log pS(y_t). (...) -> (...), in log_ratio's dtype.
+
+    linear_above: None: exact everywhere (e^(log q) overflows to inf above log q ~ 88.7 in float32); a number:
+    exact for log q <= linear_above and continued on its tangent above, so it stays finite and monotone and
+    every token keeps a gradient d k3 / d log q = q - 1. Nothing changes below: e^(log q) -> 0 there.
+    """
+    if linear_above is None:
+        return torch.expm1(log_ratio) - log_ratio
+    exact_part = log_ratio.clamp(max=linear_above)
+    excess = (log_ratio - linear_above).clamp(min=0.0)  # two one-sided clamps: the gradient never subtracts two huge e^x terms
+    return torch.expm1(exact_part) - exact_part + excess * math.expm1(linear_above)
 
 
 def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor) -> torch.Tensor:
