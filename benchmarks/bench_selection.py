@@ -23,8 +23,6 @@ import torch
 from tip_verl.core.reference_selection import reference_select
 from tip_verl.core.selection import SELECTION_RULES, SelectionInputs, select_tokens, selection_budget
 
-RULES = ["random", "entropy", "entropy_sample", "divergence", "soft_or", "q3"]
-
 
 def ragged_batch(rollouts: int, width: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -87,7 +85,7 @@ def main() -> None:
               "python loop/vec", "sort ms", "vec/sort"]
     print("".join(f"{h:>16}" for h in header))
     for ratio in args.ratios:
-        for rule in RULES:
+        for rule in SELECTION_RULES:
             def inputs():
                 return SelectionInputs(mask, entropy, divergence, 0.98, torch.Generator().manual_seed(0))
 

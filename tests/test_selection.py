@@ -1,4 +1,5 @@
-"""Selection rules: hand-computed cases, exact equality with the per-rollout loop, sampling law, determinism."""
+"""Selection rules: hand-computed cases, exact equality with the per-rollout loop, sampling law, determinism, and the
+registry every rule list is derived from."""
 
 import math
 
@@ -6,10 +7,23 @@ import pytest
 import torch
 
 from tip_verl.core.advantages import select_and_reward
-from tip_verl.core.config import TipConfig
-from tip_verl.core.reference_selection import reference_select
+from tip_verl.core.config import SELECTION_RULE_NAMES, TipConfig
+from tip_verl.core.distill_losses import ENTROPY_RULES
+from tip_verl.core.reference_selection import REFERENCE_KEYS, reference_select
 from tip_verl.core.scores import divergence_estimate
-from tip_verl.core.selection import SelectionInputs, select_tokens, selection_budget, top_k_per_rollout
+from tip_verl.core.selection import (
+    SELECTION_RULE_READS,
+    SELECTION_RULES,
+    SelectionInputs,
+    register_selection_rule,
+    rules_reading,
+    select_tokens,
+    selection_budget,
+    selection_rule_names,
+    top_k_per_rollout,
+)
+
+RANDOM_RULES = rules_reading("random")
 
 PAD = 0.0
 # three rollouts of 4, 2 and 1 valid tokens; ratio 0.5 gives budgets 2, 1 and 1
@@ -60,7 +74,7 @@ def test_q3_by_hand():
 
 
 def test_random_and_sample_respect_budget():
-    for rule in ("random", "entropy_sample"):
+    for rule in RANDOM_RULES:
         assert select(rule).sum(dim=1).tolist() == [2, 1, 1]
         assert not (select(rule) & ~MASK.bool()).any()
 
@@ -77,7 +91,7 @@ def random_ragged_batch(seed, batch=12, width=40):
     return mask, entropy, divergence
 
 
-@pytest.mark.parametrize("rule", ["all", "random", "entropy", "entropy_sample", "divergence", "soft_or", "q3"])
+@pytest.mark.parametrize("rule", selection_rule_names())
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_equals_loop_reference(rule, ratio, seed):
@@ -109,7 +123,7 @@ def test_random_is_uniform():
 
 def test_deterministic_given_seed():
     mask, entropy, divergence = random_ragged_batch(5)
-    for rule in ("random", "entropy_sample"):
+    for rule in RANDOM_RULES:
         runs = [
             select_tokens(rule, 0.5, SelectionInputs(mask, entropy, divergence, 0.98, torch.Generator().manual_seed(s)))
             for s in (7, 7, 8)
@@ -154,7 +168,7 @@ def test_one_divergence_outlier_leaves_soft_or_distinct_from_entropy():
     assert clipped[5, 17] and (clipped & unperturbed).sum() / unperturbed.sum() > 0.98
 
 
-@pytest.mark.parametrize("rule", ["soft_or", "q3"])
+@pytest.mark.parametrize("rule", rules_reading("divergence"))
 @pytest.mark.parametrize("divergence_quantile", [0.9, 0.98, 1.0])
 def test_clipped_divergence_equals_loop_reference(rule, divergence_quantile):
     mask, entropy, student, teacher = outlier_batch()
@@ -192,3 +206,46 @@ def test_top_k_keeps_the_earliest_ties_and_nothing_at_budget_zero():
         ([5, 6, 3], [[0, 1, 2, 3, 4], list(range(6)), [0, 1, 2]]),  # the full sort
     ):
         assert positions(top_k_per_rollout(keys, mask, torch.tensor(budget))) == expected
+
+
+def test_every_registered_rule_has_an_oracle():
+    missing = sorted(set(SELECTION_RULES) - set(REFERENCE_KEYS))
+    assert not missing, f"add each rule's oracle to tip_verl/core/reference_selection.py with @reference_keys_of: {missing}"
+    assert set(REFERENCE_KEYS) <= set(SELECTION_RULES), "an oracle names no registered rule"
+    with pytest.raises(ValueError, match=r"'new_rule' has no oracle: add one with @reference_keys_of\('new_rule'\)"):
+        reference_select("new_rule", 0.5, MASK, ENTROPY, DIVERGENCE)
+
+
+@pytest.mark.parametrize("rule", list(SELECTION_RULES))
+def test_each_rule_reads_what_it_declares(rule):
+    mask, entropy, divergence = random_ragged_batch(0)
+    reads = SELECTION_RULE_READS[rule]
+    for field in ("entropy", "divergence"):
+        without = SelectionInputs(mask, entropy, divergence, generator=torch.Generator().manual_seed(0))
+        setattr(without, field, None)
+        if field in reads:
+            with pytest.raises(ValueError, match=f"{rule!r} needs per-token {field}"):
+                SELECTION_RULES[rule](without)
+        else:
+            SELECTION_RULES[rule](without)
+    generator = torch.Generator().manual_seed(0)
+    SELECTION_RULES[rule](SelectionInputs(mask, entropy, divergence, generator=generator))
+    drew = not torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert drew == ("random" in reads)
+
+
+def test_rule_lists_follow_the_registry():
+    assert SELECTION_RULE_NAMES == selection_rule_names() == ("all", *SELECTION_RULES)
+    assert ENTROPY_RULES == tuple(rule for rule, reads in SELECTION_RULE_READS.items() if "entropy" in reads)
+    for rule in SELECTION_RULE_NAMES:
+        assert TipConfig(rule=rule).rule == rule
+
+
+def test_registration_refuses_an_unknown_input_and_a_taken_name():
+    with pytest.raises(ValueError, match=r"'new_rule' reads \['logits'\]; declare reads from"):
+        register_selection_rule("new_rule", reads=("logits",))
+    for taken in ("all", "soft_or"):
+        with pytest.raises(ValueError, match=f"{taken!r} is already defined"):
+            register_selection_rule(taken, reads=())
+    with pytest.raises(ValueError, match="'logits' is not a selection input"):
+        rules_reading("logits")

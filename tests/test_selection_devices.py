@@ -13,24 +13,26 @@ same seed. Where CUDA is present, the last test compares the keys on both device
 import pytest
 import torch
 
-from tip_verl.core.selection import SELECTION_RULES, SelectionInputs
+from tip_verl.core.selection import SELECTION_RULES, SelectionInputs, rules_reading
 
 SHAPE = (3, 8)
 SEED = 7
+RANDOM_RULES = rules_reading("random")
 
 
 def inputs_on(device):
     generator = torch.Generator().manual_seed(SEED)
     mask = torch.ones(SHAPE, dtype=torch.bool, device=device)
     entropy = torch.linspace(0.1, 2.0, SHAPE[0] * SHAPE[1]).reshape(SHAPE).to(device)
-    return SelectionInputs(mask, entropy, None, 0.98, generator)
+    divergence = torch.linspace(2.0, 0.0, SHAPE[0] * SHAPE[1]).reshape(SHAPE).to(device)
+    return SelectionInputs(mask, entropy, divergence, 0.98, generator)
 
 
 def fresh_draw():
     return torch.rand(SHAPE, generator=torch.Generator().manual_seed(SEED))
 
 
-@pytest.mark.parametrize("rule", ["random", "entropy_sample"])
+@pytest.mark.parametrize("rule", RANDOM_RULES)
 def test_draw_consumes_the_cpu_generator_for_a_batch_on_another_device(rule):
     inputs = inputs_on("meta")
     keys = SELECTION_RULES[rule](inputs)
@@ -51,7 +53,7 @@ def test_entropy_sample_keys_are_log_entropy_plus_gumbel_of_a_fresh_draw():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rule", ["random", "entropy_sample"])
+@pytest.mark.parametrize("rule", RANDOM_RULES)
 def test_same_keys_on_cuda_as_on_cpu(rule):
     on_cuda = SELECTION_RULES[rule](inputs_on("cuda"))
     assert on_cuda.device.type == "cuda"

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-SELECTION_RULE_NAMES = ("all", "random", "entropy", "entropy_sample", "divergence", "soft_or", "q3")
+from tip_verl.core.selection import selection_rule_names
+
+SELECTION_RULE_NAMES = selection_rule_names()
 DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
 MIX_NAMES = ("replace", "add", "teacher_only")
 TEACHER_TRUST_NAMES = ("always", "checked", "verified")

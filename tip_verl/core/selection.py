@@ -35,16 +35,45 @@ class SelectionInputs:
 
 SelectionKeyFn = Callable[[SelectionInputs], torch.Tensor]
 SELECTION_RULES: dict[str, SelectionKeyFn] = {}
+# What a rule may read besides response_mask: "entropy" and "divergence", those fields of SelectionInputs;
+# "random", draws from its generator.
+SELECTION_READS = ("entropy", "divergence", "random")
+SELECTION_RULE_READS: dict[str, tuple[str, ...]] = {}
+SELECT_ALL = "all"  # not a ranking rule: every valid token, whatever the ratio
 
 
-def register_selection_rule(name: str) -> Callable[[SelectionKeyFn], SelectionKeyFn]:
-    """Register a rule: a function from SelectionInputs to keys (B, T); the top k_i keys of a rollout win."""
+def register_selection_rule(name: str, reads: tuple[str, ...]) -> Callable[[SelectionKeyFn], SelectionKeyFn]:
+    """Register a rule: a function from SelectionInputs to keys (B, T); the top k_i keys of a rollout win.
+
+    reads: what the keys depend on, a subset of SELECTION_READS. A new rule is this function, registered in this
+    module, and its oracle in `reference_selection.py` under the same name: the names TipConfig and the CLI
+    accept (`selection_rule_names`), the rules that need the student's entropy (`rules_reading("entropy")`) and
+    the rule lists of the tests and the benchmark follow from the registry.
+    """
+    unknown = sorted(set(reads) - set(SELECTION_READS))
+    if unknown:
+        raise ValueError(f"Selection rule {name!r} reads {unknown}; declare reads from {list(SELECTION_READS)}.")
+    if name == SELECT_ALL or name in SELECTION_RULES:
+        raise ValueError(f"Selection rule {name!r} is already defined; register the rule under another name.")
 
     def decorator(fn: SelectionKeyFn) -> SelectionKeyFn:
         SELECTION_RULES[name] = fn
+        SELECTION_RULE_READS[name] = tuple(reads)
         return fn
 
     return decorator
+
+
+def selection_rule_names() -> tuple[str, ...]:
+    """Every rule `select_tokens` runs: `all`, then the registered rules in registration order."""
+    return (SELECT_ALL, *SELECTION_RULES)
+
+
+def rules_reading(read: str) -> tuple[str, ...]:
+    """The registered rules that declared `read` (one of SELECTION_READS), in registration order."""
+    if read not in SELECTION_READS:
+        raise ValueError(f"{read!r} is not a selection input; choose one of {list(SELECTION_READS)}.")
+    return tuple(name for name, reads in SELECTION_RULE_READS.items() if read in reads)
 
 
 def selection_budget(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -105,15 +134,15 @@ def _top_k_by_threshold(ranked: torch.Tensor, budget: torch.Tensor, largest_budg
 
 def select_tokens(rule: str, ratio: float, inputs: SelectionInputs) -> torch.Tensor:
     """Boolean mask (B, T) of the tokens `rule` selects at `ratio`; `all` selects every valid token."""
-    if rule != "all" and rule not in SELECTION_RULES:
-        names = sorted(["all", *SELECTION_RULES])
+    if rule not in selection_rule_names():
+        names = sorted(selection_rule_names())
         raise ValueError(f"Unknown selection rule {rule!r}; set algorithm.tip.rule to one of {names}.")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"Selection ratio {ratio!r} must be in (0, 1]: set algorithm.tip.ratio, e.g. 0.5.")
     mask = inputs.response_mask.bool()
     if not mask.any():
         raise ValueError("Every response in the batch is empty (response_mask is all zero): nothing to select.")
-    if rule == "all":
+    if rule == SELECT_ALL:
         return mask.clone()
     keys = SELECTION_RULES[rule](inputs)
     return top_k_per_rollout(keys, mask, selection_budget(mask, ratio))
@@ -147,19 +176,19 @@ def uniform_like(reference: torch.Tensor, generator: Optional[torch.Generator]) 
     return torch.rand(reference.shape, generator=generator, device=device).to(reference.device)
 
 
-@register_selection_rule("random")
+@register_selection_rule("random", reads=("random",))
 def random_keys(inputs: SelectionInputs) -> torch.Tensor:
     """Uniform random keys: a uniform subset of k_i tokens (the control)."""
     return uniform_like(inputs.response_mask, inputs.generator)
 
 
-@register_selection_rule("entropy")
+@register_selection_rule("entropy", reads=("entropy",))
 def entropy_keys(inputs: SelectionInputs) -> torch.Tensor:
     """The k_i highest-entropy tokens."""
     return _require(inputs, "entropy", "entropy")
 
 
-@register_selection_rule("entropy_sample")
+@register_selection_rule("entropy_sample", reads=("entropy", "random"))
 def entropy_sample_keys(inputs: SelectionInputs) -> torch.Tensor:
     """Sample k_i tokens without replacement with p proportional to entropy (Gumbel-top-k).
 
@@ -173,13 +202,13 @@ def entropy_sample_keys(inputs: SelectionInputs) -> torch.Tensor:
     return log_weight + gumbel
 
 
-@register_selection_rule("divergence")
+@register_selection_rule("divergence", reads=("divergence",))
 def divergence_keys(inputs: SelectionInputs) -> torch.Tensor:
     """The k_i tokens with the highest teacher-student divergence."""
     return _require(inputs, "divergence", "divergence")
 
 
-@register_selection_rule("soft_or")
+@register_selection_rule("soft_or", reads=("entropy", "divergence"))
 def soft_or_keys(inputs: SelectionInputs) -> torch.Tensor:
     """Soft-OR of normalised entropy and divergence, top-k (the paper's best rule).
 
@@ -193,7 +222,7 @@ def soft_or_keys(inputs: SelectionInputs) -> torch.Tensor:
     return soft_or_score(normalized_entropy_for_ranking(inputs, "soft_or"), normalized_divergence)
 
 
-@register_selection_rule("q3")
+@register_selection_rule("q3", reads=("entropy", "divergence"))
 def q3_keys(inputs: SelectionInputs) -> torch.Tensor:
     """d_t (1 - h^_t), top-k: confident tokens where the teacher disagrees.
 
