@@ -3,6 +3,8 @@ rollout's padding and EOS masks."""
 
 import random
 import re
+import signal
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -14,7 +16,8 @@ from tip_verl.local.evaluate import evaluation, greedy_accuracy, reference_batch
 from tip_verl.local.models import ModelSize, build_model, save_model
 from tip_verl.local.plans import SftPlan
 from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
-from tip_verl.local.tasks import TASKS, get_task, is_heldout
+from tip_verl.local import tasks
+from tip_verl.local.tasks import TASKS, Task, get_task, is_heldout, register_task
 from tip_verl.local.tokenizer import CharTokenizer
 
 
@@ -162,6 +165,52 @@ def test_heldout_problems_are_fixed_and_never_sampled():
     assert heldout == task.heldout(100) and len(set(heldout)) == 100
     rng = random.Random(1)
     assert not set(heldout) & {task.sample(rng) for _ in range(5000)}
+
+
+def multiplication_by_one_digit(digits):
+    """A task as a user registers it from outside the package: a `digits`-digit number times one of 2..9."""
+    return Task(
+        name=f"mul{digits}x1",
+        alphabet="0123456789*=;",
+        max_new_tokens=digits + 3,
+        draw=lambda rng: (rng.randrange(10 ** (digits - 1), 10**digits), rng.randrange(2, 10)),
+        prompt=lambda p: f"{p[0]}*{p[1]}=",
+        solution=lambda p: f";{p[0] * p[1]}",
+        answer=lambda p: str(p[0] * p[1]),
+        answer_separator=";",
+    )
+
+
+@contextmanager
+def fails_after(seconds):
+    """A hang inside the block fails the test instead of blocking the run."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_task_with_too_few_heldout_problems_is_refused_with_the_count_and_the_fix(monkeypatch):
+    monkeypatch.setattr(tasks, "TASKS", dict(TASKS))
+    small = multiplication_by_one_digit(2)  # 720 problems, 34 of them held out; the default plan evaluates on 256
+    with fails_after(60):
+        with pytest.raises(ValueError, match=r"'mul2x1' has only 34 held-out problems .* but 256 are asked for") as error:
+            register_task(small)
+        for fix in ("about 20 x 256 = 5120 or more", "TrainPlan.teacher.eval_size", "LoopConfig.eval_size"):
+            assert fix in str(error.value)
+        assert "mul2x1" not in tasks.TASKS
+        with pytest.raises(ValueError, match="has only 34 held-out problems .* but 64 are asked for"):
+            max_positions(small)
+        assert len(small.heldout(34)) == 34
+        larger = multiplication_by_one_digit(3)  # 7200 problems, 361 held out
+        assert register_task(larger) is tasks.TASKS["mul3x1"] and len(larger.heldout(361)) == 361
 
 
 def test_tokenizer_round_trip_and_left_padding():

@@ -16,6 +16,9 @@ from tip_verl.local.tokenizer import CharTokenizer
 
 Problem = tuple[int, ...]
 HELDOUT_BUCKETS = 20  # one problem in 20 is held out
+# Draws in a row without a new held-out problem after which `Task.heldout` concludes the task has no more:
+# with uniform draws, all 34 held-out problems of a 720-problem space turn up within a few thousand draws.
+HELDOUT_STALL_DRAWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,27 @@ class Task:
                 return problem
 
     def heldout(self, n: int, seed: int = 12345) -> list[Problem]:
-        """`n` distinct held-out problems, the same for every run of a given seed."""
-        rng, found = random.Random(seed), {}
+        """`n` distinct held-out problems, the same for every run of a given seed.
+
+        Raises ValueError when the task has fewer than `n`: HELDOUT_STALL_DRAWS draws in a row found no new one.
+        """
+        rng, found, draws_since_new = random.Random(seed), {}, 0
         while len(found) < n:
             problem = self.draw(rng)
-            if is_heldout(problem):
+            if is_heldout(problem) and problem not in found:
                 found[problem] = None
+                draws_since_new = 0
+            else:
+                draws_since_new += 1
+                if draws_since_new == HELDOUT_STALL_DRAWS:
+                    raise ValueError(
+                        f"Task {self.name!r} has only {len(found)} held-out problems (those whose hash falls in one "
+                        f"bucket of {HELDOUT_BUCKETS}; no new one in {HELDOUT_STALL_DRAWS} draws) but {n} are asked "
+                        f"for. Widen the problems its `draw` covers to about {HELDOUT_BUCKETS} x {n} = "
+                        f"{HELDOUT_BUCKETS * n} or more (e.g. more digits), or lower the evaluation sizes to at most "
+                        f"{len(found)}: TrainPlan.teacher.eval_size, TrainPlan.student.eval_size and "
+                        "LoopConfig.eval_size (the models' max_positions also reads 64 held-out problems)."
+                    )
         return list(found)
 
 
@@ -106,6 +124,8 @@ TASKS: dict[str, Task] = {}
 
 
 def register_task(task: Task) -> Task:
+    """Add `task` to TASKS; refused (ValueError) when it has fewer held-out problems than its plan evaluates on."""
+    task.heldout(max(task.plan.teacher.eval_size, task.plan.student.eval_size))
     TASKS[task.name] = task
     return task
 
