@@ -12,7 +12,7 @@ from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import TipLossConfig
 from tip_verl.core.trust import TeacherTrust
-from tip_verl.local.loop import LoopConfig, distilled_mask, outcome_routes, policy_loss_mask, train
+from tip_verl.local.loop import LoopConfig, distilled_mask, divergences_by_outcome, policy_loss_mask, train
 from tip_verl.local.rollout import head_logprobs_and_entropy, response_hidden, sample
 
 from test_local_loop import SMOKE, _copy, reverse_kl_to_teacher, task_and_models  # noqa: F401  (fixture)
@@ -54,7 +54,7 @@ def test_policy_loss_covers_the_tokens_each_route_gives_it(route, mix, expected)
     selected = torch.tensor([[True, False, False, False], [False, True, False, False]])
     config = LoopConfig(route=route, tip=TipConfig(mix=mix))
     tokens = _tokens(selected)
-    distilled = distilled_mask(config, mask, tokens, outcome_routes(config, torch.tensor([1.0, 0.0])))
+    distilled = distilled_mask(config, mask, tokens, divergences_by_outcome(config, torch.tensor([[1.0], [0.0]])))
     assert distilled.tolist() == ((mask * selected).tolist() if route == "loss" else [[0] * 4] * 2)
     assert policy_loss_mask(config, mask, tokens, distilled).tolist() == expected
     grpo = dataclasses.replace(config, adv_estimator="grpo")
@@ -71,30 +71,30 @@ def test_policy_loss_covers_the_tokens_each_route_gives_it(route, mix, expected)
         ("forward_kl", "none", {"forward_kl": [True, False, True]}),
     ],
 )
-def test_outcome_routing_gives_each_rollout_the_divergence_of_its_outcome(correct_loss, wrong_loss, expected):
+def test_outcome_split_gives_each_rollout_the_divergence_of_its_outcome(correct_loss, wrong_loss, expected):
     config = LoopConfig(tip_loss=TipLossConfig(correct_loss=correct_loss, wrong_loss=wrong_loss))
-    routes = outcome_routes(config, torch.tensor([1.0, 0.0, 1.0]))  # rollouts 0 and 2 correct
-    assert {name: rows.tolist() for name, rows in routes.items()} == expected
+    rows_by_divergence = divergences_by_outcome(config, torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))  # 0, 2 correct
+    assert {name: rows.tolist() for name, rows in rows_by_divergence.items()} == expected
 
 
 def test_selected_tokens_of_a_rollout_routed_to_none_get_the_grpo_advantage_under_replace():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     selected = torch.tensor([[True, False, True, False], [False, True, False, False]])
     config = LoopConfig(tip=TipConfig(mix="replace"), tip_loss=TipLossConfig(correct_loss="none"))
-    routes = outcome_routes(config, torch.tensor([1.0, 0.0]))  # rollout 0 correct: no teacher term
-    distilled = distilled_mask(config, mask, _tokens(selected), routes)
+    rows_by_divergence = divergences_by_outcome(config, torch.tensor([[1.0], [0.0]]))  # rollout 0 correct: no teacher term
+    distilled = distilled_mask(config, mask, _tokens(selected), rows_by_divergence)
     assert distilled.tolist() == [[0, 0, 0, 0], [0, 1, 0, 0]]
     assert policy_loss_mask(config, mask, _tokens(selected), distilled).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     teacher_only = dataclasses.replace(config, tip=TipConfig(mix="teacher_only"))
     assert policy_loss_mask(teacher_only, mask, _tokens(selected), distilled).tolist() == [[0] * 4] * 2
 
 
-def test_outcome_routing_to_the_default_divergence_by_name_trains_exactly_as_no_routing(task_and_models, tmp_path):
+def test_outcome_split_to_the_default_divergence_by_name_trains_exactly_as_no_split(task_and_models, tmp_path):
     task, teacher, _ = task_and_models
     config = dataclasses.replace(LOSS_SMOKE, steps=2, loss="forward_kl")
-    routed = dataclasses.replace(config, tip_loss=TipLossConfig(correct_loss="forward_kl", wrong_loss="forward_kl"))
+    split = dataclasses.replace(config, tip_loss=TipLossConfig(correct_loss="forward_kl", wrong_loss="forward_kl"))
     losses = []
-    for run, cfg in (("plain", config), ("routed", routed)):
+    for run, cfg in (("plain", config), ("split", split)):
         student = _copy(task_and_models[2])
         assert train(cfg, tmp_path / run, teacher, student) == "completed"
         records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -166,7 +166,7 @@ def test_a_distrusted_rollout_gets_no_divergence_and_the_policy_loss_on_every_to
     tokens.trust = TeacherTrust(correct=torch.tensor([True, False]), endorsed=torch.tensor([False, True]),
                                 distrusted=torch.tensor([False, True]))
     config = LoopConfig(route=route, tip=TipConfig(mix=mix, teacher_trust="checked"))
-    distilled = distilled_mask(config, mask, tokens, outcome_routes(config, torch.tensor([1.0, 0.0])))
+    distilled = distilled_mask(config, mask, tokens, divergences_by_outcome(config, torch.tensor([[1.0], [0.0]])))
     assert distilled.tolist() == distilled_rows
     assert policy_loss_mask(config, mask, tokens, distilled).tolist() == trained
 

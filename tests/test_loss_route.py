@@ -234,7 +234,7 @@ def test_seq_mean_token_mean_averages_each_rollout_over_its_selected_tokens():
     assert loss.item() == pytest.approx(sum(sum(v) / len(v) for v in per_rollout) / len(RESP_LENS), rel=1e-6)
 
 
-def test_trace_routing_by_outcome():
+def test_trace_split_by_outcome():
     tip = {"rule": "all"}
     correct_only, metrics = run("tip_k3", tip, {"correct_loss": "k3", "wrong_loss": "none"})
     kept = [(i, t) for i, m in enumerate(RESP_LENS) for t in range(m) if SCORES[i] > 0]
@@ -382,7 +382,7 @@ def test_weights_and_config_checks():
     config["actor_rollout_ref"]["actor"]["calculate_entropy"] = True
     settings = loss_route_settings(config, global_steps=3)[SETTINGS_KEY]
     assert settings["step"] == 2 and settings["tip"]["rule"] == "q3"
-    assert TipLossConfig.from_any(settings["tip_loss"]).routes_by_outcome
+    assert TipLossConfig.from_any(settings["tip_loss"]).splits_by_outcome
 
 
 def preselect_config(adv_estimator="grpo", enabled=True, loss_mode="k3", use_task_rewards=False):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from tip_verl.core.scores import check_finite, k3_estimate
 from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens, selection_budget
 
 ENTROPY_RULES = rules_reading("entropy")
-ROUTE_DROP = "none"
+NO_TEACHER_TERM = "none"  # correct_loss / wrong_loss value: those rollouts get no distillation term
 K3_LINEAR_ABOVE = 40.0  # log q where k3 turns linear: e^40 ~ 2.4e17, far from float32's 3.4e38
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -31,9 +31,9 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-to
 class TipLossConfig:
     """Settings of the loss route, read from `algorithm.tip_loss` (selection itself is `algorithm.tip`).
 
-    correct_loss / wrong_loss: TRACE outcome routing. null: every rollout gets the loss_mode's own divergence;
-        a divergence name: rollouts with that outcome get it instead (estimator route: verl's kl_penalty names
-        kl, k1, abs, mse, k2, low_var_kl, k3; top-k route: forward_kl_topk); "none": those rollouts get no
+    correct_loss / wrong_loss: TRACE's outcome split (`split_by_outcome`). null: every rollout gets the loss_mode's own divergence;
+        a divergence name: rollouts with that outcome get it instead (estimator path: verl's kl_penalty names
+        kl, k1, abs, mse, k2, low_var_kl, k3; top-k path: forward_kl_topk); "none": those rollouts get no
         distillation term at all.
     score_field: micro-batch field holding each rollout's outcome score, per token (summed over the response).
     correct_threshold: a rollout is correct when its score is > this.
@@ -68,17 +68,17 @@ class TipLossConfig:
         check_schedule(self.schedule, self.warmup_steps, self.anneal_steps, self.final_coef)
 
     @property
-    def routes_by_outcome(self) -> bool:
+    def splits_by_outcome(self) -> bool:
         return self.correct_loss is not None or self.wrong_loss is not None
 
-    def check_divergences(self, allowed: tuple, route: str) -> None:
-        """Raise if a routed divergence is not one of `allowed` (or 'none') on this route."""
+    def check_divergences(self, allowed: tuple, path: str) -> None:
+        """Raise if correct_loss / wrong_loss is not one of `allowed` (or 'none') on this `path` of the loss route."""
         for name in ("correct_loss", "wrong_loss"):
             value = getattr(self, name)
-            if value is not None and value != ROUTE_DROP and value not in allowed:
+            if value is not None and value != NO_TEACHER_TERM and value not in allowed:
                 raise ValueError(
-                    f"algorithm.tip_loss.{name}={value!r} cannot run on the {route} route; "
-                    f"set null, '{ROUTE_DROP}' or one of {list(allowed)}."
+                    f"algorithm.tip_loss.{name}={value!r} cannot run on the {path} path; "
+                    f"set null, '{NO_TEACHER_TERM}' or one of {list(allowed)}."
                 )
 
     @classmethod
@@ -126,23 +126,34 @@ def rollout_correct(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores.float().sum(dim=-1) > threshold
 
 
-def route_by_outcome(
-    correct: torch.Tensor, correct_losses: Optional[torch.Tensor], wrong_losses: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token losses (B, T) of each rollout's own route, and bool (B,) rollouts that keep a term.
+def split_by_outcome(tip_loss: TipLossConfig, correct: torch.Tensor, own_divergence: str) -> dict[str, torch.Tensor]:
+    """TRACE's outcome split: {divergence name: bool (B,) rollouts that get it}, from each rollout's outcome.
 
-    correct: bool (B,); correct_losses / wrong_losses: (B, T), or None when that outcome gets no term.
+    correct: bool (B,). Correct rollouts get tip_loss.correct_loss, wrong ones wrong_loss; null means
+    `own_divergence` (the loss_mode's own, or the demo's `loss`), NO_TEACHER_TERM leaves those rollouts out of every entry.
     """
-    if correct_losses is None and wrong_losses is None:
+    rows_by_divergence: dict[str, torch.Tensor] = {}
+    for rows, name in ((correct, tip_loss.correct_loss), (~correct, tip_loss.wrong_loss)):
+        name = own_divergence if name is None else name
+        if name != NO_TEACHER_TERM:
+            rows_by_divergence[name] = rows_by_divergence.get(name, torch.zeros_like(rows)) | rows
+    return rows_by_divergence
+
+
+def losses_by_outcome(
+    rows_by_divergence: dict[str, torch.Tensor], divergence: Callable[[str], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (B, T), each rollout's from its own divergence, and bool (B,) rollouts that keep a term.
+
+    rows_by_divergence: from `split_by_outcome`; divergence(name): per-token losses (B, T) of that divergence.
+    """
+    if not rows_by_divergence:
         raise ValueError("Both algorithm.tip_loss.correct_loss and wrong_loss are 'none': no distillation term left.")
-    reference = correct_losses if correct_losses is not None else wrong_losses
-    zeros = torch.zeros_like(reference)
-    losses = torch.where(
-        correct.unsqueeze(-1),
-        correct_losses if correct_losses is not None else zeros,
-        wrong_losses if wrong_losses is not None else zeros,
-    )
-    keep = torch.where(correct, correct_losses is not None, wrong_losses is not None)
+    losses = None
+    for name, rows in rows_by_divergence.items():
+        values = divergence(name)
+        losses = torch.where(rows.unsqueeze(-1), values, torch.zeros_like(values) if losses is None else losses)
+    keep = torch.stack(list(rows_by_divergence.values())).any(dim=0)
     return losses, keep
 
 
@@ -159,7 +170,7 @@ def tip_loss_mask(
 ) -> torch.Tensor:
     """Tokens whose distillation loss counts: the TIP selection among the eligible tokens. bool (B, T).
 
-    eligible: bool (B, T), response tokens still in play (after outcome routing and the entropy gate);
+    eligible: bool (B, T), response tokens still in play (after the outcome split and the entropy gate);
     divergence: (B, T) per-token loss, the divergence axis of the rules; entropy: (B, T) student entropy in
     nats, or None (then only rules all, random, divergence can run). Each rollout keeps
     max(1, floor(ratio * eligible_i)) of its eligible tokens. entropy_quantile / divergence_quantile: the batch

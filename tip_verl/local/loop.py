@@ -36,7 +36,7 @@ from verl.workers.config.actor import ActorConfig
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
-from tip_verl.core.distill_losses import ROUTE_DROP, TipLossConfig
+from tip_verl.core.distill_losses import NO_TEACHER_TERM, TipLossConfig, rollout_correct, split_by_outcome
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.core.trust import teacher_trust
 from tip_verl.core.schedule import teacher_coef_multiplier
@@ -80,7 +80,7 @@ class LoopConfig:
         the paper's d_t) or `sampled` (the sampled-token estimate `tip.divergence`, what verl's teacher allows).
         The advantage route always ranks on the sampled-token estimate, as tip_opd does in verl.
     warmup_steps: the learning rate rises linearly to `lr` over these steps, then stays.
-    tip_loss: the keys of verl's `algorithm.tip_loss` the loss route honours: TRACE outcome routing
+    tip_loss: the keys of verl's `algorithm.tip_loss` the loss route honours: TRACE's outcome split
         (`correct_loss` / `wrong_loss`: null = `loss`, 'none', or a `loss` name, per rollout by its outcome; with
         mix=replace, the selected tokens of a rollout routed to 'none' get the GRPO advantage instead) and the
         teacher-coefficient schedule (`schedule`, `warmup_steps`, `anneal_steps`, `final_coef`).
@@ -127,11 +127,11 @@ class LoopConfig:
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0.")
         self.tip_loss.check_divergences(DIVERGENCE_LOSS_NAMES, "local loss")
-        if self.tip_loss.correct_loss == ROUTE_DROP and self.tip_loss.wrong_loss == ROUTE_DROP:
+        if self.tip_loss.correct_loss == NO_TEACHER_TERM and self.tip_loss.wrong_loss == NO_TEACHER_TERM:
             raise ValueError("tip_loss.correct_loss and wrong_loss are both 'none': no rollout gets the teacher; "
                              "route one outcome to a divergence, or use adv_estimator='grpo'.")
         if self.route == "advantage" and self.tip_loss != TipLossConfig():
-            raise ValueError("tip_loss (outcome routing, teacher schedule) applies to the loss route; set route='loss' "
+            raise ValueError("tip_loss (outcome split, teacher schedule) applies to the loss route; set route='loss' "
                              "(--route loss) or leave tip_loss at its defaults.")
 
     def to_dict(self) -> dict:
@@ -222,28 +222,23 @@ def loss_route_tokens(
     )
 
 
-def outcome_routes(config: LoopConfig, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Which rollouts get which divergence on the loss route: {loss name: bool (N,)}, by each rollout's outcome
-    score (N,) and `tip_loss.correct_loss` / `wrong_loss` (null: `loss`; 'none': no divergence)."""
-    correct = scores > config.tip_loss.correct_threshold
-    routes: dict[str, torch.Tensor] = {}
-    for rows, name in ((correct, config.tip_loss.correct_loss), (~correct, config.tip_loss.wrong_loss)):
-        name = config.loss if name is None else name
-        if name != ROUTE_DROP:
-            routes[name] = routes.get(name, torch.zeros_like(rows)) | rows
-    return routes
+def divergences_by_outcome(config: LoopConfig, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Which rollouts get which divergence on the loss route, TRACE's outcome split: {loss name: bool (N,)}, from
+    each rollout's outcome rewards (N, T) and `tip_loss.correct_loss` / `wrong_loss` (null: `loss`; 'none': none)."""
+    correct = rollout_correct(rewards, config.tip_loss.correct_threshold)
+    return split_by_outcome(config.tip_loss, correct, config.loss)
 
 
 def distilled_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens],
-                   routes: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tokens that get the full-vocabulary divergence on the loss route: selected, of a routed rollout
-    the teacher is trusted on. (N, T)."""
-    if tokens is None or config.route != "loss" or not routes:
+                   rows_by_divergence: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens that get the full-vocabulary divergence on the loss route: selected, of a rollout that gets a
+    divergence and the teacher is trusted on. (N, T)."""
+    if tokens is None or config.route != "loss" or not rows_by_divergence:
         return torch.zeros_like(response_mask)
-    routed = torch.stack(list(routes.values())).any(dim=0)
+    distilled_rows = torch.stack(list(rows_by_divergence.values())).any(dim=0)
     if tokens.trust is not None:
-        routed = routed & ~tokens.trust.distrusted
-    return response_mask * tokens.selected * routed.unsqueeze(-1)
+        distilled_rows = distilled_rows & ~tokens.trust.distrusted
+    return response_mask * tokens.selected * distilled_rows.unsqueeze(-1)
 
 
 def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Optional[TipTokens],
@@ -328,8 +323,8 @@ def train_step(
                         teacher_correct=teacher_correct,
                     )
                 advantages = grpo_advantages(config, rewards, mask, uids)
-        routes = outcome_routes(config, scores)
-        distilled = distilled_mask(config, mask, tokens, routes)
+        rows_by_divergence = divergences_by_outcome(config, rewards)
+        distilled = distilled_mask(config, mask, tokens, rows_by_divergence)
         trained = policy_loss_mask(config, mask, tokens, distilled)
         with timer("loss"):
             # the graph holds full-vocabulary buffers only for the trained tokens
@@ -357,7 +352,7 @@ def train_step(
                         (distilled * rows.unsqueeze(-1)).bool(), loss=name, chunk_size=config.logits_chunk_size,
                         temperature=temperature,
                     ).sum()
-                    for name, rows in routes.items()
+                    for name, rows in rows_by_divergence.items()
                 )
                 loss = loss + teacher_coef * divergence_sum / distilled.sum()
 

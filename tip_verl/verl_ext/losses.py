@@ -48,12 +48,12 @@ from verl.workers.utils.padding import no_padding_2_padding
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import (
     ENTROPY_RULES,
-    ROUTE_DROP,
     TipLossConfig,
     check_loss_inputs,
     k3_divergence,
+    losses_by_outcome,
     rollout_correct,
-    route_by_outcome,
+    split_by_outcome,
     selected_token_weights,
     teacher_topk_entropy,
     tip_loss_mask,
@@ -185,7 +185,7 @@ def _rollout_scores(data: TensorDict, field: str, response_mask: torch.Tensor) -
     """The rollouts' per-token scores (bsz, response_length) from the micro-batch field `field`."""
     if field not in data.keys():
         raise ValueError(
-            f"Outcome routing (algorithm.tip_loss.correct_loss / wrong_loss) reads each rollout's score from the "
+            f"The outcome split (algorithm.tip_loss.correct_loss / wrong_loss) reads each rollout's score from the "
             f"micro-batch field {field!r}, which is not there; fields present: {sorted(data.keys())}. "
             "Set algorithm.tip_loss.score_field to one of them, or unset correct_loss and wrong_loss."
         )
@@ -215,33 +215,31 @@ def apply_tip(
     config: Any,
     model_output: dict,
     data: TensorDict,
-    own_losses: torch.Tensor,
+    own_divergence: str,
     divergence: Callable[[str], torch.Tensor],
     gate: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Route, gate, select and weight per-token distillation losses.
+    """Split by outcome, gate, select and weight per-token distillation losses.
 
     settings: (algorithm.tip, algorithm.tip_loss, 0-based step) read from the micro-batch;
     config: verl's ActorConfig (loss_agg_mode); model_output: may hold `entropy` (nested, whole sequence);
-    data: the micro-batch; own_losses: (bsz, response_length) the loss_mode's per-token losses;
-    divergence(name): (bsz, response_length) per-token losses of another divergence (outcome routing);
+    data: the micro-batch; own_divergence: the loss_mode's divergence, what rollouts get unless split by outcome;
+    divergence(name): (bsz, response_length) per-token losses of the divergence `name`;
     gate: bool (bsz, response_length) tokens allowed in, or None.
     Returns weighted per-token losses (bsz, response_length) for verl's aggregation, and metrics.
     """
     tip, tip_loss, step = settings
     response_mask = _response_mask(data)
     metrics: dict[str, Any] = {}
-    losses, eligible = own_losses, response_mask
-    if tip_loss.routes_by_outcome:
+    eligible = response_mask
+    if tip_loss.splits_by_outcome:
         scores = _rollout_scores(data, tip_loss.score_field, response_mask)
         correct = rollout_correct(scores, tip_loss.correct_threshold)
-
-        def route(name: Optional[str]) -> Optional[torch.Tensor]:
-            return None if name == ROUTE_DROP else own_losses if name is None else divergence(name)
-
-        losses, keep = route_by_outcome(correct, route(tip_loss.correct_loss), route(tip_loss.wrong_loss))
+        losses, keep = losses_by_outcome(split_by_outcome(tip_loss, correct, own_divergence), divergence)
         eligible = eligible & keep.unsqueeze(-1)
         metrics["tip_loss/correct_fraction"] = correct.float().mean().item()
+    else:
+        losses = divergence(own_divergence)
     if gate is not None:
         eligible = eligible & gate
         metrics["tip_loss/gate_fraction"] = token_share(int((gate & response_mask).sum()), data)
@@ -304,8 +302,7 @@ def compute_tip_estimator_loss(
             return k3_divergence(student, teacher)
         return kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
 
-    own = divergence(loss_config.loss_mode[len(TIP_PREFIX) :])
-    return apply_tip(settings, config, model_output, data, own, divergence)
+    return apply_tip(settings, config, model_output, data, loss_config.loss_mode[len(TIP_PREFIX) :], divergence)
 
 
 @register_distillation_loss(DistillationLossSettings(names=list(TOPK_LOSSES), use_topk=True))  # type: ignore[arg-type]
@@ -329,6 +326,6 @@ def compute_tip_topk_loss(
     def divergence(name: str) -> torch.Tensor:
         return losses  # forward_kl_topk is the only divergence of the top-k route
 
-    weighted, tip_metrics = apply_tip(settings, config, model_output, data, losses, divergence, gate)
+    weighted, tip_metrics = apply_tip(settings, config, model_output, data, "forward_kl_topk", divergence, gate)
     metrics.update(tip_metrics)
     return weighted, metrics
