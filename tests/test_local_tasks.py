@@ -14,7 +14,7 @@ from tip_verl.cli import main
 from tip_verl.local.assets import BelowTarget, load_role, max_positions
 from tip_verl.local.evaluate import evaluation, greedy_accuracy, reference_batch
 from tip_verl.local.models import ModelSize, build_model, save_model
-from tip_verl.local.plans import SftPlan
+from tip_verl.local.plans import SftPlan, TrainPlan
 from tip_verl.local.rollout import Rollout, response_logits, response_mask_from, sample
 from tip_verl.local import tasks
 from tip_verl.local.tasks import TASKS, Task, get_task, is_heldout, register_task
@@ -120,6 +120,12 @@ def test_every_task_has_a_teacher_at_its_target_and_a_weaker_warm_started_studen
     assert accuracy["teacher"] >= task.plan.teacher_target, (name, accuracy)
     assert cards["student"]["sft_accuracy"] >= task.plan.student.stop_at
     assert 0.0 < accuracy["student"] < accuracy["teacher"], (name, accuracy)
+
+
+def test_the_default_plan_makes_a_teacher_and_a_student_of_3_x_96():
+    assert TrainPlan().teacher_size == TrainPlan().student_size == ModelSize(layers=3, hidden=96, heads=3)
+    assert multiplication_by_one_digit(3).plan.student_size == ModelSize(layers=3, hidden=96, heads=3)
+    assert get_task("add3_reversed").plan.student_size == ModelSize(layers=2, hidden=48, heads=2)  # its shipped student
 
 
 def test_easy_problems_of_the_reversed_task_copy_one_operand_and_are_never_held_out():
