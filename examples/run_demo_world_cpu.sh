@@ -46,7 +46,7 @@ export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 KV_CACHE_BYTES=$((64 * 1024 * 1024))  # per vLLM engine (the vLLM settings are those of run_tiny_cpu.sh)
 
-python3 -m tip_verl.cpu.export_world --task "${TASK}" --route "${ROUTE:-advantage}" --out "${WORLD_DIR}" \
+python3 -m tip_verl.worlds.demo --task "${TASK}" --route "${ROUTE:-advantage}" --out "${WORLD_DIR}" \
     ${STEPS:+--steps "${STEPS}"}
 mapfile -t LOCAL_LOOP < "${WORLD_DIR}/verl_overrides.txt"  # the local loop's settings as verl keys
 if [[ -n "${VAL_EVERY:-}" ]]; then LOCAL_LOOP+=(trainer.test_freq="${VAL_EVERY}"); fi
@@ -58,7 +58,7 @@ WORLD=(
     data.dataloader_num_workers=0
     actor_rollout_ref.model.path="${WORLD_DIR}/student"
     distillation.teacher_models.teacher_model.model_path="${WORLD_DIR}/teacher"
-    reward.custom_reward_function.path="${REPO_ROOT}/tip_verl/cpu/reward.py"
+    reward.custom_reward_function.path="${REPO_ROOT}/tip_verl/worlds/reward.py"
     reward.custom_reward_function.name=task_score
 )
 
@@ -120,5 +120,5 @@ mkdir -p "${OUT_DIR}"
 started=$(date +%s)
 python3 -m tip_verl.cpu.shm python3 -m verl.trainer.main_ppo "${WORLD[@]}" "${CPU[@]}" "${LOCAL_LOOP[@]}" "$@"
 set +x
-python3 -m tip_verl.cpu.export_world --out "${WORLD_DIR}" --report "${VERL_FILE_LOGGER_PATH}" \
+python3 -m tip_verl.worlds.demo --out "${WORLD_DIR}" --report "${VERL_FILE_LOGGER_PATH}" \
     --seconds $(( $(date +%s) - started ))

@@ -39,7 +39,7 @@ export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl} 
 # vLLM's CPU build: no pinning of its OpenMP threads to cores (every engine would pin itself to the same ones)
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 
-python3 -m tip_verl.cpu.prepare --out "${TINY_DIR}"
+python3 -m tip_verl.worlds.tiny --out "${TINY_DIR}"
 
 DATA=(
     data.train_files="${TINY_DIR}/data/train.parquet"
@@ -48,7 +48,7 @@ DATA=(
     data.max_prompt_length=16
     data.max_response_length=4
     data.dataloader_num_workers=0
-    reward.custom_reward_function.path="${REPO_ROOT}/tip_verl/cpu/reward.py"
+    reward.custom_reward_function.path="${REPO_ROOT}/tip_verl/worlds/reward.py"
     reward.custom_reward_function.name=compute_score
     reward.num_workers=1
 )

@@ -3,7 +3,7 @@
 Both start from the task's shipped teacher and warm-started student with the local demo's settings (LoopConfig
 defaults, `--steps` and `--eval-every` aside). The local loop runs once per `--seeds` entry (its seed-to-seed
 spread is the yardstick); verl runs `examples/run_demo_world_cpu.sh` once, on the world
-`python -m tip_verl.cpu.export_world` writes (the local loop's seed-0 problems, in its order). One figure: held-out
+`python -m tip_verl.worlds.demo` writes (the local loop's seed-0 problems, in its order). One figure: held-out
 greedy accuracy and KL to the teacher on the student's own samples (moving average over `--smooth` steps)
 against the step: on the advantage route KL(student || teacher) per token, the sampled-token k1 (the local
 `kl/teacher`, verl's `-tip/teacher_reward/mean`); on the loss route (`--route loss`, forward KL over the
@@ -95,7 +95,7 @@ def local_curves(records: list[dict], route: str) -> tuple[dict[int, float], dic
 
 
 def verl_curves(metrics: Path, world_dir: Path, route: str) -> tuple[dict[int, float], dict[int, float]]:
-    from tip_verl.cpu.export_world import WORLD_FILE, read_verl_metrics, validation_curve
+    from tip_verl.worlds.demo import WORLD_FILE, read_verl_metrics, validation_curve
 
     _, key, sign, _ = KL_CURVES[route]
     steps = read_verl_metrics(metrics)

@@ -1,4 +1,4 @@
-"""The local demo's world exported to verl (``tip_verl.cpu.export_world``) and trained by verl's own trainer.
+"""The local demo's world exported to verl (``tip_verl.worlds.demo``) and trained by verl's own trainer.
 
 Fast checks, on the task's shipped models: verl's dataset and agent-loop tokenization feed the exported models
 exactly the ids the local loop feeds them (``BOS + prompt``); the exported checkpoints compute the local models'
@@ -26,8 +26,8 @@ import torch
 from test_examples_compose import compose_verl, validate
 
 from tip_verl.core.config import TipConfig
-from tip_verl.cpu import export_world
-from tip_verl.cpu.reward import task_score
+from tip_verl.worlds import demo as demo_world
+from tip_verl.worlds.reward import task_score
 from tip_verl.local.assets import load_role
 from tip_verl.local.evaluate import greedy_accuracy
 from tip_verl.local.loop import LoopConfig
@@ -43,7 +43,7 @@ COMPARED = 48  # held-out problems generated one by one through the HF route
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     config = LoopConfig(task=WORLD_TASK, route="advantage", steps=3, eval_size=EVAL_SIZE)
-    return export_world.export(tmp_path_factory.mktemp("world"), config)
+    return demo_world.export(tmp_path_factory.mktemp("world"), config)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def verl_dataset(world: dict, split: str):
     from omegaconf import OmegaConf
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    config = OmegaConf.create({"max_prompt_length": export_world.prompt_length(get_task(world["task"])),
+    config = OmegaConf.create({"max_prompt_length": demo_world.prompt_length(get_task(world["task"])),
                                "filter_overlong_prompts": True, "truncation": "error",
                                "filter_overlong_prompts_workers": 1})
     return RLHFDataset(world["paths"][split], hf_tokenizer_of(world), config)
@@ -104,7 +104,7 @@ def test_train_split_is_the_local_loops_problem_stream(world, task):
     assert [problems[i : i + config.prompts_per_step] for i in range(0, len(problems), config.prompts_per_step)] == expected
 
 
-@pytest.mark.parametrize("role", export_world.ROLES)
+@pytest.mark.parametrize("role", demo_world.ROLES)
 def test_exported_checkpoint_computes_the_local_logits(world, task, role):
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +129,7 @@ def test_reward_is_the_task_checker(world, task):
         task_score("other", "1", "1", {"index": 0})
 
 
-@pytest.mark.parametrize("role", export_world.ROLES)
+@pytest.mark.parametrize("role", demo_world.ROLES)
 def test_greedy_accuracy_on_the_exported_checkpoint_equals_the_local_one(world, task, role):
     """What verl's validation does around its engine: prompt ids from verl's builder, greedy decoding of the
     exported checkpoint (here transformers' generate; in a run vLLM's, checked by the e2e test), verl's decode
@@ -157,7 +157,7 @@ def test_greedy_accuracy_on_the_exported_checkpoint_equals_the_local_one(world, 
 
 
 def overrides_of(config: LoopConfig, task) -> dict[str, str]:
-    return dict(o.lstrip("+").split("=", 1) for o in export_world.verl_overrides(config, task))
+    return dict(o.lstrip("+").split("=", 1) for o in demo_world.verl_overrides(config, task))
 
 
 def test_overrides_compose_and_carry_the_loop_config(world, task):
@@ -169,7 +169,7 @@ def test_overrides_compose_and_carry_the_loop_config(world, task):
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
             "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
-            *export_world.verl_overrides(config, task)]
+            *demo_world.verl_overrides(config, task)]
     composed = compose_verl(args)
     validate(composed)
     actor, optim = composed.actor_rollout_ref.actor, composed.actor_rollout_ref.actor.optim
@@ -205,19 +205,19 @@ def test_verl_learning_rate_schedule_is_the_local_warmup():
 
 def test_loss_route_without_a_verl_counterpart_is_refused(task):
     with pytest.raises(ValueError, match="--loss forward_kl"):
-        export_world.verl_overrides(LoopConfig(route="loss", loss="reverse_kl"), task)
+        demo_world.verl_overrides(LoopConfig(route="loss", loss="reverse_kl"), task)
     overrides = overrides_of(LoopConfig(route="loss", loss="forward_kl"), task)
     assert overrides["distillation.distillation_loss.loss_mode"] == "tip_forward_kl_topk"
     assert overrides["distillation.distillation_loss.topk"] == str(task.tokenizer().vocab_size)  # the exact KL
 
 
 def test_summary_line(world, tmp_path):
-    key = export_world.validation_key(world)
+    key = demo_world.validation_key(world)
     lines = [{"step": 0, "data": {key: 0.125}}, {"step": 1, "data": {"actor/lr": 1e-4}},
              {"step": 2, "data": {"actor/lr": 1e-4}}, {"step": 2, "data": {key: 0.25}}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    line = export_world.summary_line(world, export_world.read_verl_metrics(path), 42.4)
+    line = demo_world.summary_line(world, demo_world.read_verl_metrics(path), 42.4)
     teacher = world["accuracy"]["teacher"]
     assert line == f"validation accuracy: 12.5% -> 25.0% (teacher {teacher:.1%}) in 2 steps, 42 s"
 
@@ -272,8 +272,8 @@ def test_verl_trainer_learns_the_demo_world(tmp_path, task):
     assert re.fullmatch(rf"validation accuracy: [\d.]+% -> [\d.]+% \(teacher [\d.]+%\) in {E2E_STEPS} steps, \d+ s",
                         summary), summary
 
-    world = json.loads((world_dir / export_world.WORLD_FILE).read_text())
-    validated = export_world.validation_curve(world, export_world.read_verl_metrics(out_dir / "metrics.jsonl"))
+    world = json.loads((world_dir / demo_world.WORLD_FILE).read_text())
+    validated = demo_world.validation_curve(world, demo_world.read_verl_metrics(out_dir / "metrics.jsonl"))
     val = pd.read_parquet(world_dir / "data" / "val.parquet").head(E2E_VAL_SIZE)
     problems = [tuple(int(x) for x in info["problem"]) for info in val["extra_info"]]
     student, _ = load_role(task, "student")

@@ -28,9 +28,12 @@ the loss, and a linear schedule that halves the teacher coefficient at step 2). 
 on 2 shared cores (mostly process start-up); marked e2e.
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from test_examples_compose import (
     SCRIPTS,
@@ -39,8 +42,10 @@ from test_examples_compose import (
     compose_verl,
     script_arguments,
 )
-from test_verl_cpu_e2e import by_step, run_tiny
+from tiny_runs import by_step, run_tiny
 
+from tip_verl.core.config import TipConfig
+from tip_verl.core.reference_selection import reference_select
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.verl_ext.losses import TOPK_LOSSES, check_loss_route
 
@@ -63,7 +68,13 @@ RUNS = {  # one CPU run per distinct algorithm section: (the scripts it stands f
 # run per route: packed sequences, gradient checkpointing, micro-batches of at most 64 tokens, 2 mini-batches of
 # run_tiny_cpu.sh's 4 prompts, 2 epochs, bf16 in the actor, the reference and both vLLM engines.
 GPU_STYLE_RUNS = ("hybrid", "opd_soft_or_topk_linear")
-GPU_STYLE = {
+PRECISION = {
+    "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype": "bf16",
+    "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype": "bf16",
+    "actor_rollout_ref.rollout.dtype": "bfloat16",
+    "distillation.teacher_models.teacher_model.inference.dtype": "bfloat16",
+}
+BATCHING = {
     "actor_rollout_ref.model.use_remove_padding": True,
     "actor_rollout_ref.model.enable_gradient_checkpointing": True,
     "actor_rollout_ref.actor.use_dynamic_bsz": True,
@@ -74,11 +85,15 @@ GPU_STYLE = {
     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": 64,
     "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": True,
     "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": 64,
-    "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype": "bf16",
-    "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype": "bf16",
-    "actor_rollout_ref.rollout.dtype": "bfloat16",
-    "distillation.teacher_models.teacher_model.inference.dtype": "bfloat16",
 }
+GPU_STYLE = {**BATCHING, **PRECISION}
+# verl's full_determinism: each vLLM replica samples every request with one fixed seed, so a GPU-style run and its
+# plain twin (PRECISION only: padded, one mini-batch and epoch, no checkpointing) roll out the same step-1 responses
+# (and the n rollouts of a prompt are identical: only those runs take it).
+DETERMINISTIC_KEY = "actor_rollout_ref.rollout.full_determinism"
+# One bf16 ulp of a value below 8 in magnitude (the tiny world's log-probs and entropies are): packed and padded
+# forwards reduce in another order, and the entropy's last bf16 bit differs between them.
+BF16_ULP = 2**-5
 LOSS_ROUTE_METRICS = (
     "actor/distillation/loss",
     "actor/tip_loss/selected_fraction",
@@ -130,9 +145,73 @@ def test_scripts_of_a_run_share_its_algorithm_settings(run, monkeypatch):
     assert len({tuple(value) for value in settings.values()}) == 1, f"{run}: the scripts differ: {settings}"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_world")
+def selected_count(ratio: float, length: int) -> int:
+    """The tokens TIP selects of a response of `length` tokens: max(1, floor(ratio * m))."""
+    return max(1, math.floor(ratio * length))
+
+
+def run_script_settings(args: list[str], tiny_dir: Path, out_dir: Path, steps: int, *settings: dict) -> list[dict]:
+    """The tiny CPU run for `steps` steps with a script's algorithm settings and `settings` (key: value) on top,
+    verl's rollout dump (with TIP's columns) in out_dir/rollouts; its per-step metrics."""
+    return run_tiny(
+        tiny_dir,
+        out_dir,
+        out_dir / "metrics.jsonl",
+        f"trainer.total_training_steps={steps}",
+        "trainer.resume_mode=disable",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        f"trainer.rollout_data_dir={out_dir / 'rollouts'}",
+        f"data.max_response_length={MAX_RESPONSE}",
+        *algorithm_overrides(args),
+        *(f"{key}={str(value).lower()}" for setting in settings for key, value in setting.items()),
+        script_env={"ALGO": "grpo"},
+    )
+
+
+def dumped_rollouts(out_dir: Path, step: int) -> list[dict]:
+    """verl's rollout dump of `step`, one record per rollout, in the order of their prompts and responses."""
+    lines = (out_dir / "rollouts" / f"{step}.jsonl").read_text().splitlines()
+    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: (r["input"], r["output"]))
+
+
+def padded(rollouts: list[dict], name: str) -> torch.Tensor:
+    """The per-token column `name` of every rollout, padded with 0 to (rollouts, MAX_RESPONSE)."""
+    rows = torch.zeros(len(rollouts), MAX_RESPONSE, dtype=torch.float64)
+    for row, rollout in zip(rows, rollouts):
+        row[: len(rollout[name])] = torch.tensor(rollout[name], dtype=torch.float64)
+    return rows
+
+
+def assert_selection_is_the_oracles(rollouts: list[dict], tip: TipConfig) -> None:
+    """The trainer's selection, recomputed from the dumped entropy and divergence by the rule's slow oracle."""
+    mask = padded(rollouts, "tip_selected").new_zeros(len(rollouts), MAX_RESPONSE, dtype=torch.bool)
+    for row, rollout in zip(mask, rollouts):
+        row[: rollout["tip_response_tokens"]] = True
+    expected = reference_select(
+        tip.rule,
+        tip.ratio,
+        mask,
+        entropy=padded(rollouts, "tip_entropy").float(),
+        divergence=padded(rollouts, "tip_divergence").float(),
+        entropy_quantile=tip.entropy_quantile,
+        divergence_quantile=tip.divergence_quantile,
+    )
+    assert torch.equal(padded(rollouts, "tip_selected").bool(), expected)
+
+
+def assert_same_step_one(gpu_style: list[dict], plain: list[dict]) -> None:
+    """The GPU-style run's step-1 rollouts and per-token inputs are the plain run's, to one bf16 ulp (same weights,
+    same responses: packing, dynamic batches, checkpointing and the mini-batch split change how, not what, is
+    computed before the first update)."""
+    assert [(r["input"], r["output"]) for r in gpu_style] == [(r["input"], r["output"]) for r in plain], (
+        "deterministic rollouts must sample the same responses"
+    )
+    assert [r["tip_response_tokens"] for r in gpu_style] == [r["tip_response_tokens"] for r in plain]
+    for name in ("tip_old_log_prob", "tip_entropy", "tip_teacher_reward", "tip_divergence"):
+        if name in plain[0]:
+            difference = (padded(gpu_style, name) - padded(plain, name)).abs().max().item()
+            assert difference <= BF16_ULP, f"{name} differs by {difference}"
 
 
 @pytest.mark.e2e
@@ -142,19 +221,8 @@ def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
     config = compose_verl(args)
     summary = algorithm_summary(config)
     gpu_style = GPU_STYLE if run in GPU_STYLE_RUNS else {}
-    records = run_tiny(
-        tiny_dir,
-        tmp_path,
-        tmp_path / "metrics.jsonl",
-        f"trainer.total_training_steps={STEPS}",
-        "trainer.resume_mode=disable",
-        "trainer.save_freq=-1",
-        "trainer.test_freq=-1",
-        f"data.max_response_length={MAX_RESPONSE}",
-        *algorithm_overrides(args),
-        *(f"{key}={str(value).lower()}" for key, value in gpu_style.items()),
-        script_env={"ALGO": "grpo"},
-    )
+    deterministic = {DETERMINISTIC_KEY: True} if gpu_style else {}
+    records = run_script_settings(args, tiny_dir, tmp_path, STEPS, gpu_style, deterministic)
     ran = OmegaConf.load(tmp_path / "hydra" / ".hydra" / "config.yaml")
     assert algorithm_summary(ran) == summary, "the script's settings must replace the tiny run's"
     assert {key: OmegaConf.select(ran, key) for key in gpu_style} == gpu_style
@@ -165,26 +233,42 @@ def test_script_algorithm_runs_on_cpu(run, tiny_dir, tmp_path, monkeypatch):
     _, tip_loss = check_loss_route(config)
     for step, metrics in steps.items():
         assert finite(metrics, "actor/grad_norm") > 0.0
+        rollouts = dumped_rollouts(tmp_path, step)
+        response_tokens = sum(r["tip_response_tokens"] for r in rollouts)
+        expected_selected = sum(selected_count(summary["ratio"], r["tip_response_tokens"]) for r in rollouts)
         if summary["route"] == "advantage":
             for key in ADVANTAGE_ROUTE_METRICS:
                 finite(metrics, key)
-            low, high = selected_fraction_range(summary["ratio"], metrics)
-            assert low - 1e-6 <= metrics["tip/selected_fraction"] <= high + 1e-6
+            assert [r["tip_selected_tokens"] for r in rollouts] == [
+                selected_count(summary["ratio"], r["tip_response_tokens"]) for r in rollouts
+            ]
+            assert metrics["tip/selected_fraction"] == pytest.approx(expected_selected / response_tokens, abs=1e-6)
+            assert_selection_is_the_oracles(rollouts, TipConfig.from_any(config.algorithm))
             quadrants = [finite(metrics, f"tip/quadrant/q{quadrant}_share") for quadrant in (1, 2, 3, 4)]
             assert sum(quadrants) == pytest.approx(1.0)
         else:
             assert summary["route"] == "loss", summary
             for key in LOSS_ROUTE_METRICS:
                 finite(metrics, key)
-            # Selected per micro-batch, among the tokens tip_entropy_aware_topk's gate lets in (when it drops some,
-            # only the upper bound holds).
-            low, high = selected_fraction_range(summary["ratio"], metrics)
-            if metrics.get("actor/tip_loss/gate_fraction", 1.0) < 1.0:
-                low = 0.0
-            assert low - 1e-6 <= metrics["actor/tip_loss/selected_fraction"] <= high + 1e-6
+            fraction = metrics["actor/tip_loss/selected_fraction"]
+            if gpu_style or metrics.get("actor/tip_loss/gate_fraction", 1.0) < 1.0:
+                # Selected per mini-batch (verl averages their fractions), among the tokens tip_entropy_aware_topk's
+                # gate lets in (when it drops some, only the upper bound holds).
+                low, high = selected_fraction_range(summary["ratio"], metrics)
+                if metrics.get("actor/tip_loss/gate_fraction", 1.0) < 1.0:
+                    low = 0.0
+                assert low - 1e-6 <= fraction <= high + 1e-6
+            else:  # one mini-batch, one epoch: the step's selected tokens over its response tokens
+                assert fraction == pytest.approx(expected_selected / response_tokens, abs=1e-6)
             expected = teacher_coef_multiplier(
                 step - 1, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
             )
             assert metrics["actor/tip_loss/coef_multiplier"] == pytest.approx(expected)
             if summary["loss_mode"] in TOPK_LOSSES:  # the vLLM teacher's top-k log-probs: their mass, at most 1
                 assert 0.0 < finite(metrics, "actor/distillation/teacher_mass") <= 1.0 + 1e-6
+    if gpu_style:
+        run_script_settings(args, tiny_dir, tmp_path / "plain", 1, PRECISION, deterministic)
+        plain = dumped_rollouts(tmp_path / "plain", 1)
+        if summary["route"] == "advantage":
+            assert_selection_is_the_oracles(plain, TipConfig.from_any(config.algorithm))
+        assert_same_step_one(dumped_rollouts(tmp_path, 1), plain)

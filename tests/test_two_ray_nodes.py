@@ -33,9 +33,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_verl_cpu_e2e import SYNCED_MAX_DIFF, run_script
+from tiny_runs import REPO_ROOT, SYNCED_MAX_DIFF, run_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 HOST = "127.0.0.1"
 NODE_START_TIMEOUT_S = 180
@@ -208,7 +207,7 @@ def two_node_cluster():
 
 
 @pytest.fixture(scope="module")
-def two_node_run(two_node_cluster, tmp_path_factory):
+def two_node_run(two_node_cluster, tiny_dir, tmp_path_factory):
     """The tiny run with one trainer rank per node; returns (metrics by step, cluster state, seconds, node ports)."""
     address, auth_env, head, second = two_node_cluster
     out_dir = tmp_path_factory.mktemp("two_nodes")
@@ -216,7 +215,7 @@ def two_node_run(two_node_cluster, tmp_path_factory):
     metrics_path.parent.mkdir()
     env = {
         **auth_env,
-        "TINY_DIR": str(tmp_path_factory.mktemp("tiny_world")),
+        "TINY_DIR": str(tiny_dir),
         "OUT_DIR": str(out_dir),
         "VERL_FILE_LOGGER_PATH": str(metrics_path),
     }

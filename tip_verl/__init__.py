@@ -5,6 +5,7 @@ Layers, bottom to top:
   tip_verl.verl_ext  thin adapters that register the core with verl (estimator, trainer, losses)
   tip_verl.cpu       CPU mode for verl's own trainer (platform, vLLM CPU shims, /dev/shm cleanup)
   tip_verl.local     the CPU demo: its world (tasks, tiny models) and its training loop
+  tip_verl.worlds    the tiny and demo worlds verl's own trainer runs on in CPU mode
   drivers            tip_verl.cli (the `tip-verl` command), launch scripts in examples/
 """
 

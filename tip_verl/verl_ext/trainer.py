@@ -41,7 +41,7 @@ from verl.workers.utils.padding import response_from_nested, response_to_nested
 from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import ENTROPY_RULES
-from tip_verl.core.metrics import tip_metrics
+from tip_verl.core.metrics import rollout_columns, tip_metrics
 from tip_verl.cpu import cpu_mode_requested
 from tip_verl.cpu.checks import check_cpu_mode_config
 from tip_verl.verl_ext.estimator import TIP_OPD, check_teacher_trust
@@ -87,6 +87,11 @@ def tip_input_fields(config) -> list[str]:
     quadrant metrics, whenever verl computed it (not under bypass mode, where those rules are refused)."""
     fields = ["response_mask", "old_log_probs", "teacher_logprobs"]
     return fields if bypass_mode(config) else fields + ["entropy"]
+
+
+def student_fields(config) -> list[str]:
+    """The TransferQueue fields of the student's own per-token inputs (no teacher): see tip_input_fields."""
+    return [field for field in tip_input_fields(config) if field != "teacher_logprobs"]
 
 
 def check_trainer_selection(config) -> None:
@@ -138,11 +143,16 @@ def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
 
 def padded_tip_inputs(data: TensorDict) -> dict[str, Optional[torch.Tensor]]:
     """The per-token inputs of TIP's selection, padded (bs, response_length), from the nested fields of
-    tip_input_fields: old_log_probs, the sampled token's teacher_logprobs, and entropy (None if not fetched)."""
+    tip_input_fields: old_log_probs, the sampled token's teacher_logprobs and entropy (each None if not fetched)."""
+    fields = data.keys()
     return {
         "old_log_probs": data["old_log_probs"].to_padded_tensor(0.0),
-        "teacher_logprobs": sampled_token_teacher_logprobs(data["teacher_logprobs"], data["response_mask"]),
-        "entropy": data["entropy"].to_padded_tensor(0.0) if "entropy" in data.keys() else None,
+        "teacher_logprobs": (
+            sampled_token_teacher_logprobs(data["teacher_logprobs"], data["response_mask"])
+            if "teacher_logprobs" in fields
+            else None
+        ),
+        "entropy": data["entropy"].to_padded_tensor(0.0) if "entropy" in fields else None,
     }
 
 
@@ -160,6 +170,8 @@ class TipSyncTrainer(PPOTrainerSync):
         check_trainer_selection(config)
         self.updates_selected_only = updates_selected_only(config)
         self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
+        self.dumps_rollouts = bool(config.trainer.get("rollout_data_dir"))
+        self._rollout_columns: Optional[dict[str, dict]] = None  # this step's TIP columns of the rollout dump
         advice = selected_lm_head_advice(config) if self.updates_selected_only else None
         if advice:
             logger.warning(advice)
@@ -178,7 +190,16 @@ class TipSyncTrainer(PPOTrainerSync):
         tip = TipConfig.from_any(self.config.algorithm)
         estimator_selects = self.config.algorithm.adv_estimator == TIP_OPD
         if not (estimator_selects or tip.preselect):
-            return super()._compute_advantage(batch, metrics)
+            batch = super()._compute_advantage(batch, metrics)
+            if self.dumps_rollouts:  # the loss route selects in the actor: the student's inputs only
+                fields = student_fields(self.config)
+                data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+                inputs = padded_tip_inputs(data)
+                columns = rollout_columns(
+                    padded_bool(data["response_mask"]), old_log_prob=inputs["old_log_probs"], entropy=inputs["entropy"]
+                )
+                self._rollout_columns = dict(zip(batch.keys, columns))
+            return batch
         fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         step = TipStep(step=self.global_steps - 1, **padded_tip_inputs(data))
@@ -196,7 +217,29 @@ class TipSyncTrainer(PPOTrainerSync):
             )
         metrics.update(tip_metrics(step.tokens, response_mask))
         self._selected = response_to_nested(step.tokens.selected, data["response_mask"])
+        if self.dumps_rollouts:
+            columns = rollout_columns(
+                response_mask,
+                selected=step.tokens.selected,
+                teacher_reward=step.tokens.teacher_reward,
+                divergence=step.tokens.divergence,
+                old_log_prob=step.old_log_probs,
+                entropy=step.entropy,
+            )
+            self._rollout_columns = dict(zip(batch.keys, columns))
         return batch
+
+    def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
+        """verl's rollout dump (trainer.rollout_data_dir), each rollout's record with TIP's columns added
+        (rollout_columns: its response tokens, what was selected, the teacher reward and the inputs, per token).
+        verl names each rollout by its key in `uid`; validation dumps, whose keys are others, pass unchanged."""
+        uids = reward_extra_infos_dict.get("uid")
+        columns = self._rollout_columns
+        if columns and uids and all(uid in columns for uid in uids):
+            for name in columns[uids[0]]:
+                reward_extra_infos_dict[name] = [columns[uid][name] for uid in uids]
+            self._rollout_columns = None
+        super()._dump_generations(inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path)
 
     def _update_actor(self, batch, metrics: dict):
         # verl's actor worker never sees `algorithm`; extra_info reaches every micro-batch of the update.

@@ -13,10 +13,10 @@ Writes into ``--out``::
 The tokenizer maps each character to the id the local models were trained with (``CharTokenizer``), and its
 chat template renders a one-message chat as ``<bos>`` + the prompt, with no generation prompt: verl's agent loop
 always applies the chat template, and this makes the ids it feeds the model the local loop's ``BOS + prompt``.
-The reward is the task's own checker (``tip_verl/cpu/reward.py:task_score``).
+The reward is the task's own checker (``tip_verl/worlds/reward.py:task_score``).
 
-    python -m tip_verl.cpu.export_world --task add3_scratch --out DIR
-    python -m tip_verl.cpu.export_world --out DIR --report METRICS.jsonl --seconds S   # the run's summary line
+    python -m tip_verl.worlds.demo --task add3_scratch --out DIR
+    python -m tip_verl.worlds.demo --out DIR --report METRICS.jsonl --seconds S   # the run's summary line
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Rule-based rewards for the CPU worlds (verl ``custom_reward_function``).
 
 Use with ``reward.custom_reward_function.path=<this file>`` and ``reward.custom_reward_function.name=`` either
-``compute_score`` (the tiny addition task of ``tip_verl.cpu.prepare``) or ``task_score`` (a task of the local
-demo exported by ``tip_verl.cpu.export_world``).
+``compute_score`` (the tiny addition task of ``tip_verl.worlds.tiny``) or ``task_score`` (a task of the local
+demo exported by ``tip_verl.worlds.demo``).
 """
 
 
@@ -13,7 +13,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
 
 def task_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
-    """The checker of a local demo task (`tip_verl.local.tasks`) on rows written by `tip_verl.cpu.export_world`.
+    """The checker of a local demo task (`tip_verl.local.tasks`) on rows written by `tip_verl.worlds.demo`.
 
     extra_info["task"] names the task, extra_info["problem"] holds the problem's operands; the score is the
     task's own outcome reward, exactly what the local loop rewards.
@@ -22,7 +22,7 @@ def task_score(data_source, solution_str, ground_truth, extra_info=None, **kwarg
 
     if not extra_info or "task" not in extra_info or "problem" not in extra_info:
         raise ValueError(
-            f"task_score needs extra_info with 'task' and 'problem' (rows of python -m tip_verl.cpu.export_world); "
+            f"task_score needs extra_info with 'task' and 'problem' (rows of python -m tip_verl.worlds.demo); "
             f"got {extra_info!r} for data_source={data_source!r}. For other datasets set "
             "reward.custom_reward_function.name=compute_score or your own function."
         )

@@ -10,7 +10,7 @@ Nothing is downloaded. Writes into ``--out``::
 The task: ``"a + b ="`` with single digits; the answer is one word (``"0"``..``"18"``).
 A second call with the same ``--out`` reuses what is there (cached by a stamp file).
 
-    python -m tip_verl.cpu.prepare --out DIR
+    python -m tip_verl.worlds.tiny --out DIR
 """
 
 import argparse
