@@ -34,8 +34,8 @@ Teacher and student come from the package's shipped checkpoints, or from the use
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from tip_verl.core.distill_losses import NO_TEACHER_TERM, divergence_names
     from tip_verl.core.schedule import SCHEDULE_NAMES
-    from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES
     from tip_verl.local.loop import ADV_ESTIMATORS, RANK_BY, ROUTES, LoopConfig
     from tip_verl.local.tasks import TASKS
 
@@ -61,7 +61,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                        help="advantage: r_t = log pT - log pS as a per-token advantage in verl's policy loss (tip_opd, "
                        "what verl runs with a sampled-token teacher); loss: the paper's full-vocabulary divergence "
                        "backpropagated at the selected tokens (default: %(default)s)")
-    route.add_argument("--loss", default=defaults.loss, choices=DIVERGENCE_LOSS_NAMES,
+    route.add_argument("--loss", default=defaults.loss, choices=divergence_names("logits"),
                        help="divergence of the loss route (default: %(default)s)")
     route.add_argument("--rank-by", default=defaults.rank_by, choices=RANK_BY,
                        help="divergence axis of the rules on the loss route: exact_kl (full vocabulary, the paper's) "
@@ -80,12 +80,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     tip.add_argument("--endorse-prob", type=float, default=defaults.tip.endorse_prob,
                      help="checked trust: the teacher endorses a rollout whose every token has pT >= this "
                      "(default: %(default)s)")
-    tip_loss = parser.add_argument_group("loss route outcome routing and teacher schedule (verl's algorithm.tip_loss)")
-    routing = ["none", *DIVERGENCE_LOSS_NAMES]
-    tip_loss.add_argument("--correct-loss", default=None, choices=routing,
+    tip_loss = parser.add_argument_group("loss route outcome split and teacher schedule (verl's algorithm.tip_loss)")
+    by_outcome = [NO_TEACHER_TERM, *divergence_names("logits")]
+    tip_loss.add_argument("--correct-loss", default=None, choices=by_outcome,
                           help="divergence for rollouts the checker accepts; none: no teacher term, with --mix replace "
-                          "their selected tokens get the GRPO advantage (TRACE routing; default: --loss)")
-    tip_loss.add_argument("--wrong-loss", default=None, choices=routing,
+                          "their selected tokens get the GRPO advantage (TRACE's outcome split; default: --loss)")
+    tip_loss.add_argument("--wrong-loss", default=None, choices=by_outcome,
                           help="the same for rollouts the checker rejects (default: --loss)")
     tip_loss.add_argument("--teacher-schedule", default="constant", choices=SCHEDULE_NAMES,
                           help="teacher-coefficient schedule: warmup_anneal keeps it for --teacher-warmup-steps, then "

@@ -1,11 +1,15 @@
-"""Tensor math of the TIP loss route: which per-token distillation losses count, and with what weight.
+"""Tensor math of the TIP loss route: the distillation divergences, which per-token losses count, and with what weight.
 
-The loss route back-propagates a per-token divergence (a sampled-token KL estimate, or forward KL over the
-teacher's top-k) on the tokens TIP selects, averaged over those tokens (the paper's 1/|T|). verl computes
-the per-token losses and aggregates them with `agg_loss` over the response mask; this module supplies the
+The loss route back-propagates a per-token divergence on the tokens TIP selects, averaged over those tokens
+(the paper's 1/|T|). Every divergence is registered once, by name, with `register_divergence`, and declares
+what it reads of the teacher: its logits (the full vocabulary: the demo loop), the sampled token's log-prob
+(verl's estimator losses, loss_mode=tip_<name>) or its top-k (verl's top-k losses). The name is what users
+type: the demo's --loss, algorithm.tip_loss.correct_loss / wrong_loss, and after `tip_` verl's loss_mode.
+On verl the per-token losses are aggregated with `agg_loss` over the response mask; this module supplies the
 mask and the weights that turn that aggregate into a mean over the selected tokens. No verl import here.
 
-Shapes: B rollouts of the micro-batch, T response positions (right-padded), K teacher top-k.
+Shapes: B rollouts of the micro-batch, T response positions (right-padded), K teacher top-k, V vocabulary,
+N selected tokens.
 """
 
 from __future__ import annotations
@@ -15,16 +19,145 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from tip_verl.core.config import build_section
 from tip_verl.core.schedule import check_schedule
 from tip_verl.core.scores import check_finite, k3_estimate
+from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES as HAND_WRITTEN_GRADIENTS
+from tip_verl.core.selected_divergence import selected_token_divergence
 from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens, selection_budget
 
 ENTROPY_RULES = rules_reading("entropy")
 NO_TEACHER_TERM = "none"  # correct_loss / wrong_loss value: those rollouts get no distillation term
 K3_LINEAR_ABOVE = 40.0  # log q where k3 turns linear: e^40 ~ 2.4e17, far from float32's 3.4e38
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+TEACHER_SIGNALS = ("logits", "sampled_token", "topk")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A registered per-token distillation divergence.
+
+    name: what users type (--loss, correct_loss / wrong_loss, verl's loss_mode after `tip_`).
+    teacher: what it reads of the teacher, one of TEACHER_SIGNALS; `per_token` takes, by that:
+        logits: (student_logits (N, V), teacher_logits (N, V)), both divided by the temperature, float32 or
+            wider -> (N,); a plain function, differentiated by autograd (`full_vocabulary_divergence`);
+        sampled_token: (student_log_probs (B, T), teacher_log_probs (B, T)) of the sampled token -> (B, T);
+        topk: verl's distillation-loss signature (config, distillation_config, model_output, data) ->
+            ((B, T) losses, metrics), over the teacher's top-k.
+    """
+
+    name: str
+    teacher: str
+    per_token: Callable
+
+
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register_divergence(*names: str, teacher: str) -> Callable[[Callable], Callable]:
+    """Decorator: register `per_token` under each of `names`, reading `teacher` (see `Divergence`)."""
+    if teacher not in TEACHER_SIGNALS:
+        raise ValueError(f"register_divergence(teacher={teacher!r}): set one of {list(TEACHER_SIGNALS)}.")
+
+    def register(per_token: Callable) -> Callable:
+        for name in names:
+            if name in DIVERGENCES or name == NO_TEACHER_TERM:
+                raise ValueError(f"A divergence named {name!r} is already registered or reserved; pick another name.")
+            DIVERGENCES[name] = Divergence(name, teacher, per_token)
+        return per_token
+
+    return register
+
+
+def divergence_names(teacher: str) -> tuple[str, ...]:
+    """The registered divergences that read `teacher`, in registration order."""
+    return tuple(name for name, divergence in DIVERGENCES.items() if divergence.teacher == teacher)
+
+
+@register_divergence("reverse_kl", teacher="logits")
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pS || pT) = sum_v pS_v (log pS_v - log pT_v), mode seeking. (N, V), (N, V) -> (N,)."""
+    log_s, log_t = torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1)
+    return (log_s.exp() * (log_s - log_t)).sum(dim=-1)
+
+
+@register_divergence("forward_kl", teacher="logits")
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pT || pS) = sum_v pT_v (log pT_v - log pS_v), mass covering. (N, V), (N, V) -> (N,)."""
+    return reverse_kl(teacher_logits, student_logits)
+
+
+@register_divergence("jsd", teacher="logits")
+def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """0.5 KL(pS || M) + 0.5 KL(pT || M), M = (pS + pT) / 2: TRL GKD's generalized JSD at beta = 0.5. (N,)."""
+    log_s, log_t = torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1)
+    log_m = torch.logaddexp(log_s, log_t) - math.log(2.0)
+    return 0.5 * (log_s.exp() * (log_s - log_m)).sum(dim=-1) + 0.5 * (log_t.exp() * (log_t - log_m)).sum(dim=-1)
+
+
+def full_vocabulary_divergence(
+    name: str,
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    selected: torch.Tensor,
+    *,
+    chunk_size: int,
+    temperature: float,
+) -> torch.Tensor:
+    """(N,) divergence `name` between the student's and the teacher's LM-head distributions at `selected` only.
+
+    student_hidden: (B, T, H), with grad; student_weight: (V, H); teacher_hidden: (B, T, Ht) and teacher_weight
+    (V, Ht), no grad; selected: bool (B, T). The hand-written gradients of `selected_token_divergence` are the
+    fast path; a divergence without one gets its gradient from autograd through its registered function.
+    """
+    if name not in divergence_names("logits"):
+        raise ValueError(
+            f"loss={name!r} (--loss, tip_loss.correct_loss / wrong_loss) is not a full-vocabulary divergence; "
+            f"set one of {list(divergence_names('logits'))}, or register one with teacher='logits'."
+        )
+    if name in HAND_WRITTEN_GRADIENTS:
+        return selected_token_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, selected, loss=name,
+            chunk_size=chunk_size, temperature=temperature,
+        )
+    return autograd_divergence(
+        DIVERGENCES[name].per_token, student_hidden[selected], student_weight,
+        teacher_hidden.detach()[selected], teacher_weight.detach(), chunk_size=chunk_size, temperature=temperature,
+    )
+
+
+def autograd_divergence(
+    per_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    chunk_size: int,
+    temperature: float,
+) -> torch.Tensor:
+    """per_token(student logits, teacher logits) / temperature for N gathered tokens, `chunk_size` at a time. (N,).
+
+    student_hidden: (N, H), teacher_hidden: (N, Ht). Each chunk is recomputed in backward (activation
+    checkpointing), so autograd holds one chunk's (chunk_size, V) logits at a time, not N x V.
+    """
+    dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype), torch.float32)
+
+    def chunk(student_h: torch.Tensor, teacher_h: torch.Tensor) -> torch.Tensor:
+        student_logits = (student_h @ student_weight.t()).to(dtype) / temperature
+        teacher_logits = (teacher_h @ teacher_weight.t()).to(dtype) / temperature
+        return per_token(student_logits, teacher_logits)
+
+    if student_hidden.shape[0] == 0:  # empty, but in the graph, as the fast path's
+        return student_hidden.sum(dim=-1).to(dtype)
+    return torch.cat([
+        checkpoint(chunk, student_hidden[s : s + chunk_size], teacher_hidden[s : s + chunk_size], use_reentrant=False)
+        for s in range(0, student_hidden.shape[0], chunk_size)
+    ])
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,19 @@ from verl.workers.config.actor import ActorConfig
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
 from tip_verl.core.advantages import TipTokens, select_and_reward
 from tip_verl.core.config import TipConfig
-from tip_verl.core.distill_losses import NO_TEACHER_TERM, TipLossConfig, rollout_correct, split_by_outcome
+from tip_verl.core.distill_losses import (
+    NO_TEACHER_TERM,
+    TipLossConfig,
+    divergence_names,
+    full_vocabulary_divergence,
+    rollout_correct,
+    split_by_outcome,
+)
 from tip_verl.core.metrics import tip_metrics
 from tip_verl.core.trust import teacher_trust
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.scores import divergence_estimate
-from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES, exact_token_kl, selected_token_divergence
+from tip_verl.core.selected_divergence import exact_token_kl
 from tip_verl.local.checkpoint import (
     CHECKPOINT,
     METRICS,
@@ -119,14 +126,14 @@ class LoopConfig:
         for name, value, choices in (
             ("adv_estimator", self.adv_estimator, ADV_ESTIMATORS),
             ("route", self.route, ROUTES),
-            ("loss", self.loss, DIVERGENCE_LOSS_NAMES),
+            ("loss", self.loss, divergence_names("logits")),
             ("rank_by", self.rank_by, RANK_BY),
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; choose one of {list(choices)}.")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0.")
-        self.tip_loss.check_divergences(DIVERGENCE_LOSS_NAMES, "local loss")
+        self.tip_loss.check_divergences(divergence_names("logits"), "local loss")
         if self.tip_loss.correct_loss == NO_TEACHER_TERM and self.tip_loss.wrong_loss == NO_TEACHER_TERM:
             raise ValueError("tip_loss.correct_loss and wrong_loss are both 'none': no rollout gets the teacher; "
                              "route one outcome to a divergence, or use adv_estimator='grpo'.")
@@ -347,9 +354,9 @@ def train_step(
                     config.tip_loss.final_coef,
                 )
                 divergence_sum = sum(
-                    selected_token_divergence(
-                        hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
-                        (distilled * rows.unsqueeze(-1)).bool(), loss=name, chunk_size=config.logits_chunk_size,
+                    full_vocabulary_divergence(
+                        name, hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
+                        (distilled * rows.unsqueeze(-1)).bool(), chunk_size=config.logits_chunk_size,
                         temperature=temperature,
                     ).sum()
                     for name, rows in rows_by_divergence.items()

@@ -1,6 +1,8 @@
 """The TIP loss route: distillation losses registered with verl's `register_distillation_loss`.
 
-Select one with `distillation.distillation_loss.loss_mode`:
+Each divergence is registered once, below, in the core registry (`tip_verl.core.distill_losses.
+register_divergence`); verl's loss_mode names, the correct_loss / wrong_loss values each path accepts and the
+start-up checks follow from it. Select one with `distillation.distillation_loss.loss_mode`:
   tip_<estimator> (tip_k3, tip_low_var_kl, tip_k2, tip_mse, tip_abs, tip_k1, tip_kl): verl's sampled-token
       KL estimate (`kl_penalty`, as loss_mode=<estimator>), kept on the TIP-selected tokens only; k3 and
       low_var_kl (one estimate) without verl's clamps, which would give the most divergent tokens a constant
@@ -47,14 +49,17 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import (
+    DIVERGENCES,
     ENTROPY_RULES,
     TipLossConfig,
     check_loss_inputs,
+    divergence_names,
     k3_divergence,
     losses_by_outcome,
+    register_divergence,
     rollout_correct,
-    split_by_outcome,
     selected_token_weights,
+    split_by_outcome,
     teacher_topk_entropy,
     tip_loss_mask,
 )
@@ -63,13 +68,30 @@ from tip_verl.verl_ext.engine_checks import check_loss_route_engine
 from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
-ESTIMATOR_NAMES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl's estimator losses (losses.py:371)
-CLAMPED_BY_VERL = ("low_var_kl", "k3")  # kl_penalty clamps both; computed here by k3_divergence instead
-TOPK_NAMES = ("forward_kl_topk",)
-ENTROPY_AWARE_TOPK = "tip_entropy_aware_topk"
-ESTIMATOR_LOSSES = tuple(TIP_PREFIX + name for name in ESTIMATOR_NAMES)
-TOPK_LOSSES = (TIP_PREFIX + "forward_kl_topk", ENTROPY_AWARE_TOPK)
 SETTINGS_KEY = "tip_loss_route"
+
+
+def verl_kl_penalty(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """verl's own sampled-token estimate `name` (kl_penalty), (B, T) student and teacher log-probs -> (B, T)."""
+
+    def estimate(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+        return kl_penalty(logprob=student_log_probs, ref_logprob=teacher_log_probs, kl_penalty=name)
+
+    return estimate
+
+
+# The divergences of verl's estimator and top-k losses. A new one registered here becomes loss_mode=tip_<name>
+# and a correct_loss / wrong_loss value of its path; its start-up checks follow.
+for _name in ("kl", "k1", "abs", "mse", "k2"):
+    register_divergence(_name, teacher="sampled_token")(verl_kl_penalty(_name))
+register_divergence("low_var_kl", "k3", teacher="sampled_token")(k3_divergence)  # kl_penalty clamps both
+register_divergence("forward_kl_topk", teacher="topk")(verl_losses.compute_forward_kl_topk)
+
+ESTIMATOR_NAMES = divergence_names("sampled_token")
+TOPK_NAMES = divergence_names("topk")
+ENTROPY_AWARE_TOPK = "tip_entropy_aware_topk"  # forward_kl_topk, gated by the teacher's top-k entropy
+ESTIMATOR_LOSSES = tuple(TIP_PREFIX + name for name in ESTIMATOR_NAMES)
+TOPK_LOSSES = (*(TIP_PREFIX + name for name in TOPK_NAMES), ENTROPY_AWARE_TOPK)
 
 
 def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
@@ -298,9 +320,7 @@ def compute_tip_estimator_loss(
     check_loss_inputs(_response_mask(data), student_log_probs=student, teacher_log_probs=teacher)
 
     def divergence(name: str) -> torch.Tensor:
-        if name in CLAMPED_BY_VERL:
-            return k3_divergence(student, teacher)
-        return kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
+        return DIVERGENCES[name].per_token(student, teacher)
 
     return apply_tip(settings, config, model_output, data, loss_config.loss_mode[len(TIP_PREFIX) :], divergence)
 
@@ -317,15 +337,19 @@ def compute_tip_topk_loss(
     loss_config = distillation_config.distillation_loss
     settings = _read_settings(data)
     _check_loss_config(loss_config.loss_mode, loss_config, settings[1])
-    losses, metrics = verl_losses.compute_forward_kl_topk(config, distillation_config, model_output, data)
     gate = None
+    own_divergence = loss_config.loss_mode[len(TIP_PREFIX) :]
     if loss_config.loss_mode == ENTROPY_AWARE_TOPK:
+        own_divergence = "forward_kl_topk"
         teacher_topk = no_padding_2_padding(data["teacher_logprobs"], data)
         gate = teacher_topk_entropy(teacher_topk) >= settings[1].teacher_entropy_tau
+    losses, metrics = DIVERGENCES[own_divergence].per_token(config, distillation_config, model_output, data)
 
     def divergence(name: str) -> torch.Tensor:
-        return losses  # forward_kl_topk is the only divergence of the top-k route
+        if name == own_divergence:
+            return losses
+        return DIVERGENCES[name].per_token(config, distillation_config, model_output, data)[0]
 
-    weighted, tip_metrics = apply_tip(settings, config, model_output, data, "forward_kl_topk", divergence, gate)
+    weighted, tip_metrics = apply_tip(settings, config, model_output, data, own_divergence, divergence, gate)
     metrics.update(tip_metrics)
     return weighted, metrics
