@@ -13,7 +13,14 @@ appended to the tiny CPU run for 2 steps, and verl's metrics show that what the 
 Only algorithm settings are appended; the hardware ones (Megatron, GPU counts, nodes, the vLLM engines' GPU
 settings) stay the CPU run's, whose rollout and teacher are verl's vLLM engines too, on vLLM's CPU build. One run
 per route (``GPU_STYLE_RUNS``) also takes the GPU scripts' batch and precision settings (``GPU_STYLE``:
-remove-padding, gradient checkpointing, dynamic batch sizes, 2 mini-batches, 2 epochs, bf16).
+remove-padding, gradient checkpointing, dynamic batch sizes, 2 mini-batches, 2 epochs, bf16), with verl's
+deterministic rollouts, and is followed by a one-step plain twin (padded, one mini-batch and epoch, the same bf16):
+their step-1 rollouts and per-token inputs agree (``assert_same_step_one``).
+
+Each run writes verl's rollout dump (``trainer.rollout_data_dir``), to which ``tip_sync`` adds TIP's columns: the
+selected count of every response is checked against ``max(1, floor(ratio * m_i))``, the reported selected fraction
+against the step's selected over response tokens (on the loss route where one mini-batch makes them the same), and
+on the advantage route the trainer's selection against the rule's slow oracle on the dumped entropy and divergence.
 The tiny run starts with ``ALGO=grpo`` (its own ``tip_opd`` section would collide with the script's
 ``+algorithm.tip.*`` keys) and the script's settings then replace its algorithm section; the test checks, in the
 config hydra saved for the run, that they did. Responses are up to 10 tokens (4 in ``run_tiny_cpu.sh``), so a
@@ -24,7 +31,7 @@ only in backend and resources and share one advantage-route section (``test_ever
 that every script runs with its default settings, ``test_scripts_of_a_run_share_its_algorithm_settings`` that
 the scripts of a run agree). One more run takes the pure OPD script's top-k knobs (``LOSS_MODE=
 tip_entropy_aware_topk``, the teacher's top-k log-probs from the vLLM teacher, whose probability mass reaches
-the loss, and a linear schedule that halves the teacher coefficient at step 2). Five runs, about 15-20 minutes
+the loss, and a linear schedule that halves the teacher coefficient at step 2). Seven runs, about 20-25 minutes
 on 2 shared cores (mostly process start-up); marked e2e.
 """
 

@@ -17,33 +17,10 @@ TEACHER_TRUST_NAMES = ("always", "checked", "verified")
 
 @dataclass(frozen=True)
 class TipConfig:
-    """Settings of token-importance selection and of the hybrid OPD + GRPO advantage.
+    """Settings of token-importance selection and of the hybrid OPD + GRPO advantage: verl's `algorithm.tip`.
 
-    rule: which tokens get the teacher signal (see `tip_verl.core.selection`).
-    ratio: fraction of each rollout's response tokens selected, in (0, 1]; at least one token per rollout.
-    divergence: per-token estimate of KL(student || teacher) from sampled-token log-probs: k1, abs_k1 or k3.
-    coef: weight of the teacher reward r_t = log pT(y_t) - log pS_old(y_t).
-    mix: replace (selected tokens: coef * r_t; others: GRPO), add (GRPO everywhere + coef * r_t on selected),
-        teacher_only (selected tokens: coef * r_t; others: 0, i.e. pure OPD on the selected tokens).
-    seed: seed of the random and entropy_sample rules.
-    entropy_quantile: entropy is clipped at this batch quantile before min-max normalisation (Soft-OR, q3).
-    divergence_quantile: the divergence is clipped at this batch quantile before min-max normalisation
-        (Soft-OR); 1.0 is plain min-max, where one k3 outlier turns Soft-OR into the entropy rule.
-    quadrant_quantile: batch quantile that splits "high" from "low" on each axis for the Q1..Q4 labels,
-        unless an absolute threshold below is set. The median (0.5) is the default: the paper gives no
-        threshold, and a median split reproduces its reported shares (Q4 40-47%, Q3 3-15%) when entropy and
-        divergence are positively correlated, whatever the vocabulary size or model scale.
-    entropy_threshold / divergence_threshold: absolute thresholds in nats (entropy as verl reports it,
-        divergence as the chosen estimate); null means "use quadrant_quantile".
-    preselect: with verl's own sampled-token distillation loss (loss_mode=k3, ...; no task reward), choose the
-        tokens in the trainer before the update, from the rollout-time scores as on the advantage route, and
-        train the loss on those tokens only (as mix=teacher_only does for tip_opd).
-    teacher_trust: always (the teacher signal wherever TIP selects), checked (tip_verl.core.trust: a prompt's
-        group whose checker outcomes contradict the teacher gets no teacher signal and the outcome (GRPO)
-        advantage on every token instead, whatever the mix) or verified (checked, and also every prompt whose
-        answer by the teacher itself, greedy, the checker rejects; needs the teacher's answers).
-    endorse_prob: checked trust: the teacher endorses a rollout whose every token has pT(y_t) >= this, in (0, 1].
-    correct_threshold: checked trust: a rollout is correct when its outcome score is > this.
+    Each field's meaning, default and choices: the `algorithm.tip` table of docs/config.md (checked against
+    this class by tests/test_config_docs.py).
     """
 
     rule: str = "soft_or"
