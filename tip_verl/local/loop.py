@@ -8,7 +8,8 @@ One step, top to bottom (N = prompts_per_step x group_size rollouts, T response 
   4. route `advantage` (verl's `tip_opd`): TIP selection and the hybrid advantage through verl's registry,
      then verl's `vanilla` policy loss (clipped PPO, aggregated by `agg_loss`).
      route `loss` (the paper's): TIP selection ranked on the exact KL, and the full-vocabulary divergence
-     (`loss`: reverse_kl, forward_kl, jsd) backpropagated at the selected tokens only; with mix replace / add,
+     (`loss`: reverse_kl, forward_kl, jsd, or any divergence registered with teacher="logits" in
+     tip_verl.core.distill_losses) backpropagated at the selected tokens only; with mix replace / add,
      verl's policy loss with the GRPO advantage on the other (replace) or all (add) tokens too.
      `adv_estimator=grpo`: the outcome advantage and the policy loss only.
   5. one AdamW step (linear warm-up over `warmup_steps`, then constant)
@@ -45,28 +46,15 @@ from tip_verl.core.distill_losses import (
     split_by_outcome,
 )
 from tip_verl.core.metrics import tip_metrics
-from tip_verl.core.trust import teacher_trust
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.scores import divergence_estimate
 from tip_verl.core.selected_divergence import exact_token_kl
-from tip_verl.local.checkpoint import (
-    CHECKPOINT,
-    METRICS,
-    load_checkpoint,
-    save_checkpoint,
-)
+from tip_verl.core.trust import teacher_trust
+from tip_verl.local.checkpoint import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint
 from tip_verl.local.evaluate import evaluation, greedy_scores
 from tip_verl.local.interrupt import stop_on_interrupt
 from tip_verl.local.memory import max_rss_mb, saved_activations
-from tip_verl.local.rollout import (
-    Rollout,
-    head_logprobs_and_entropy,
-    response_hidden,
-    response_logits,
-    sample,
-    selected_logprobs,
-    token_logprobs,
-)
+from tip_verl.local.rollout import Rollout, head_logprobs_and_entropy, response_hidden, sample, selected_logprobs
 from tip_verl.local.tasks import DEFAULT_TASK, Task, get_task
 from tip_verl.local.timing import PhaseTimer
 from tip_verl.verl_ext.rng import selection_generator
@@ -89,7 +77,7 @@ class LoopConfig:
     warmup_steps: the learning rate rises linearly to `lr` over these steps, then stays.
     tip_loss: the keys of verl's `algorithm.tip_loss` the loss route honours: TRACE's outcome split
         (`correct_loss` / `wrong_loss`: null = `loss`, 'none', or a `loss` name, per rollout by its outcome; with
-        mix=replace, the selected tokens of a rollout routed to 'none' get the GRPO advantage instead) and the
+        mix=replace, the selected tokens of a rollout given 'none' get the GRPO advantage instead) and the
         teacher-coefficient schedule (`schedule`, `warmup_steps`, `anneal_steps`, `final_coef`).
     """
 
@@ -136,7 +124,7 @@ class LoopConfig:
         self.tip_loss.check_divergences(divergence_names("logits"), "local loss")
         if self.tip_loss.correct_loss == NO_TEACHER_TERM and self.tip_loss.wrong_loss == NO_TEACHER_TERM:
             raise ValueError("tip_loss.correct_loss and wrong_loss are both 'none': no rollout gets the teacher; "
-                             "route one outcome to a divergence, or use adv_estimator='grpo'.")
+                             "give one outcome a divergence, or use adv_estimator='grpo'.")
         if self.route == "advantage" and self.tip_loss != TipLossConfig():
             raise ValueError("tip_loss (outcome split, teacher schedule) applies to the loss route; set route='loss' "
                              "(--route loss) or leave tip_loss at its defaults.")
@@ -269,6 +257,130 @@ def policy_loss_mask(config: LoopConfig, response_mask: torch.Tensor, tokens: Op
     return response_mask * kept
 
 
+@dataclass
+class StepBatch:
+    """One step's rollouts as the update reads them: N rollouts, T response positions, H hidden size."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # (N,) the checker's outcome of each rollout
+    rewards: torch.Tensor  # (N, T) that outcome on each rollout's last response token
+    uids: np.ndarray  # (N,) the prompt of each rollout: its GRPO group
+    teacher_hidden: torch.Tensor  # (N, T, H_teacher)
+    teacher_logp: torch.Tensor  # (N, T) the teacher's log-probs of the sampled tokens
+    teacher_correct: Optional[torch.Tensor]  # (N,) bool, the checker on the teacher's own answer (verified trust)
+    hidden: torch.Tensor  # (N, T, H) the student's, with grad
+    old_log_prob: torch.Tensor  # (N, T) the student's log-probs of the sampled tokens, detached
+    entropy: torch.Tensor  # (N, T) the student's entropy
+    exact_kl: torch.Tensor  # (N, T) KL(pS || pT) over the vocabulary
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+
+def checker_scores(task: Task, problems: list, rollout: Rollout, group_size: int) -> torch.Tensor:
+    """The checker's score (N,) of each response; the `group_size` rollouts of a prompt are adjacent."""
+    tokenizer = task.tokenizer()
+    return torch.tensor(
+        [task.check(problems[i // group_size], tokenizer.decode(r)) for i, r in enumerate(rollout.responses)]
+    )
+
+
+def teacher_verdicts(config: LoopConfig, teacher: torch.nn.Module, task: Task, problems: list) -> Optional[torch.Tensor]:
+    """With teacher_trust=verified, whether the checker accepts the teacher's own greedy answer, bool (N,)."""
+    if config.tip.teacher_trust != "verified":
+        return None
+    answers = torch.tensor(greedy_scores(teacher, task, problems)) > config.tip.correct_threshold
+    return answers.repeat_interleave(config.group_size)
+
+
+def advantages_and_tokens(config: LoopConfig, batch: StepBatch, step: int) -> tuple[torch.Tensor, Optional[TipTokens]]:
+    """The advantages (N, T) verl's policy loss reads, and what TIP selected (None with grpo)."""
+    mask = batch.mask
+    if config.adv_estimator == "grpo":
+        return grpo_advantages(config, batch.rewards, mask, batch.uids), None
+    if config.route == "advantage":
+        return tip_opd_advantages(
+            config, batch.rewards, mask, batch.uids, batch.old_log_prob, batch.teacher_logp, batch.entropy, step,
+            batch.teacher_correct,
+        )
+    tokens = loss_route_tokens(config, mask, batch.old_log_prob, batch.teacher_logp, batch.entropy, batch.exact_kl, step)
+    if config.tip.teacher_trust != "always":
+        tokens.trust = teacher_trust(
+            batch.scores, batch.uids, batch.teacher_logp, mask, config.tip.endorse_prob, config.tip.correct_threshold,
+            teacher_correct=batch.teacher_correct,
+        )
+    return grpo_advantages(config, batch.rewards, mask, batch.uids), tokens
+
+
+def policy_loss(
+    config: LoopConfig, actor: ActorConfig, student: torch.nn.Module, batch: StepBatch, trained: torch.Tensor,
+    advantages: torch.Tensor,
+) -> tuple[torch.Tensor, dict]:
+    """verl's vanilla policy loss over the `trained` tokens (N, T), and its metrics; 0 when there is none."""
+    if not trained.any():
+        return torch.zeros(()), {}
+    log_prob = selected_logprobs(
+        student, batch.hidden, batch.rollout, trained, config.logits_chunk_size, config.temperature
+    )
+    return get_policy_loss_fn("vanilla")(
+        old_log_prob=batch.old_log_prob,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=trained,
+        loss_agg_mode=config.loss_agg_mode,
+        config=actor,
+    )
+
+
+def distillation_loss(
+    config: LoopConfig, student: torch.nn.Module, teacher: torch.nn.Module, batch: StepBatch,
+    distilled: torch.Tensor, rows_by_divergence: dict[str, torch.Tensor], step: int,
+) -> torch.Tensor:
+    """The teacher term: each rollout's full-vocabulary divergence, averaged over the `distilled` tokens (N, T),
+    times the scheduled teacher coefficient."""
+    teacher_coef = config.tip.coef * teacher_coef_multiplier(
+        step - 1, config.tip_loss.schedule, config.tip_loss.warmup_steps, config.tip_loss.anneal_steps,
+        config.tip_loss.final_coef,
+    )
+    divergence_sum = sum(
+        full_vocabulary_divergence(
+            name, batch.hidden, student.lm_head.weight, batch.teacher_hidden, teacher.lm_head.weight,
+            (distilled * rows.unsqueeze(-1)).bool(), chunk_size=config.logits_chunk_size,
+            temperature=config.temperature,
+        ).sum()
+        for name, rows in rows_by_divergence.items()
+    )
+    return teacher_coef * divergence_sum / distilled.sum()
+
+
+def optimizer_step(
+    config: LoopConfig, optimizer: torch.optim.Optimizer, student: torch.nn.Module, loss: torch.Tensor, step: int
+) -> torch.Tensor:
+    """One AdamW step at the warmed-up learning rate, gradients clipped at `grad_clip`; returns the gradient norm."""
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+    optimizer.step()
+    return grad_norm
+
+
+def batch_metrics(batch: StepBatch) -> dict:
+    """Outcome, length, teacher-student divergence and entropy of the step's rollouts, per valid token."""
+    mask = batch.mask
+    n_valid = mask.sum().clamp_min(1)
+    k1 = divergence_estimate(batch.teacher_logp, batch.old_log_prob, mask, "k1")
+    return {
+        "reward/mean": batch.scores.mean().item(),
+        "response_length/mean": mask.sum(dim=1).float().mean().item(),
+        "kl/teacher": (k1.sum() / n_valid).item(),
+        "kl/teacher_exact": ((batch.exact_kl * mask).sum() / n_valid).item(),
+        "entropy/mean": ((batch.entropy * mask).sum() / n_valid).item(),
+    }
+
+
 def train_step(
     config: LoopConfig,
     task: Task,
@@ -280,30 +392,22 @@ def train_step(
     step: int,
 ) -> tuple[dict, dict]:
     """One on-policy step (`step`, 1-based). Returns its metrics and the per-token tensors of the batch."""
-    timer, tokenizer = PhaseTimer(), task.tokenizer()
+    timer, temperature = PhaseTimer(), config.temperature
     problems = [task.sample(problem_rng) for _ in range(config.prompts_per_step)]
-    temperature = config.temperature
-
     with timer("rollout"):
         rollout = sample(
-            student, tokenizer, [task.prompt(p) for p in problems], task.max_new_tokens,
+            student, task.tokenizer(), [task.prompt(p) for p in problems], task.max_new_tokens,
             group_size=config.group_size, temperature=temperature,
         )
     mask = rollout.response_mask
     with timer("reward"):
-        scores = torch.tensor(
-            [task.check(problems[i // config.group_size], tokenizer.decode(r)) for i, r in enumerate(rollout.responses)]
-        )
+        scores = checker_scores(task, problems, rollout, config.group_size)
         rewards = outcome_rewards(scores, mask)
         uids = np.repeat(np.arange(len(problems)), config.group_size)
-
     with timer("teacher"), torch.no_grad():
         teacher_hidden = response_hidden(teacher, rollout)
         teacher_logp, _ = head_logprobs_and_entropy(teacher, teacher_hidden, rollout, temperature)
-        teacher_correct = None
-        if config.tip.teacher_trust == "verified":  # the checker grades the teacher's own greedy answer
-            answers = torch.tensor(greedy_scores(teacher, task, problems)) > config.tip.correct_threshold
-            teacher_correct = answers.repeat_interleave(config.group_size)
+        teacher_correct = teacher_verdicts(config, teacher, task, problems)
 
     with saved_activations(student) as memory:
         with timer("student_forward"):
@@ -314,71 +418,24 @@ def train_step(
                 hidden.detach(), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask.bool(),
                 chunk_size=config.logits_chunk_size, temperature=temperature,
             )
+        batch = StepBatch(rollout, scores, rewards, uids, teacher_hidden, teacher_logp, teacher_correct, hidden,
+                          old_log_prob, entropy, exact_kl)
         with timer("advantage"):
-            tokens = None
-            if config.adv_estimator == "grpo":
-                advantages = grpo_advantages(config, rewards, mask, uids)
-            elif config.route == "advantage":
-                advantages, tokens = tip_opd_advantages(
-                    config, rewards, mask, uids, old_log_prob, teacher_logp, entropy, step, teacher_correct
-                )
-            else:
-                tokens = loss_route_tokens(config, mask, old_log_prob, teacher_logp, entropy, exact_kl, step)
-                if config.tip.teacher_trust != "always":
-                    tokens.trust = teacher_trust(
-                        scores, uids, teacher_logp, mask, config.tip.endorse_prob, config.tip.correct_threshold,
-                        teacher_correct=teacher_correct,
-                    )
-                advantages = grpo_advantages(config, rewards, mask, uids)
+            advantages, tokens = advantages_and_tokens(config, batch, step)
         rows_by_divergence = divergences_by_outcome(config, rewards)
         distilled = distilled_mask(config, mask, tokens, rows_by_divergence)
         trained = policy_loss_mask(config, mask, tokens, distilled)
         with timer("loss"):
             # the graph holds full-vocabulary buffers only for the trained tokens
-            loss = torch.zeros(())
-            if trained.any():
-                log_prob = selected_logprobs(student, hidden, rollout, trained, config.logits_chunk_size, temperature)
-                loss, pg_metrics = get_policy_loss_fn("vanilla")(
-                    old_log_prob=old_log_prob,
-                    log_prob=log_prob,
-                    advantages=advantages,
-                    response_mask=trained,
-                    loss_agg_mode=config.loss_agg_mode,
-                    config=actor,
-                )
-            else:
-                pg_metrics = {}
+            loss, pg_metrics = policy_loss(config, actor, student, batch, trained, advantages)
             if distilled.any():
-                teacher_coef = config.tip.coef * teacher_coef_multiplier(
-                    step - 1, config.tip_loss.schedule, config.tip_loss.warmup_steps, config.tip_loss.anneal_steps,
-                    config.tip_loss.final_coef,
-                )
-                divergence_sum = sum(
-                    full_vocabulary_divergence(
-                        name, hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
-                        (distilled * rows.unsqueeze(-1)).bool(), chunk_size=config.logits_chunk_size,
-                        temperature=temperature,
-                    ).sum()
-                    for name, rows in rows_by_divergence.items()
-                )
-                loss = loss + teacher_coef * divergence_sum / distilled.sum()
-
+                loss = loss + distillation_loss(config, student, teacher, batch, distilled, rows_by_divergence, step)
     with timer("update"):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
+        grad_norm = optimizer_step(config, optimizer, student, loss, step)
 
     n_valid = mask.sum().clamp_min(1)
-    k1 = divergence_estimate(teacher_logp, old_log_prob, mask, "k1")
     metrics = {
-        "reward/mean": scores.mean().item(),
-        "response_length/mean": mask.sum(dim=1).float().mean().item(),
-        "kl/teacher": (k1.sum() / n_valid).item(),
-        "kl/teacher_exact": ((exact_kl * mask).sum() / n_valid).item(),
-        "entropy/mean": ((entropy * mask).sum() / n_valid).item(),
+        **batch_metrics(batch),
         "tokens/trained_fraction": (((trained + distilled) > 0).sum() / n_valid).item(),
         "tokens/nonzero_advantage_fraction": (((advantages != 0) & (trained > 0)).sum() / n_valid).item(),
         "actor/loss": loss.item(),
@@ -389,12 +446,12 @@ def train_step(
         **timer.metrics(),
         "time/step": round(sum(timer.seconds.values()), 4),
     }
-    batch = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp, "log_probs": old_log_prob,
-             "exact_kl": exact_kl}
+    per_token = {"response_mask": mask, "entropy": entropy, "teacher_logprobs": teacher_logp,
+                 "log_probs": old_log_prob, "exact_kl": exact_kl}
     if tokens is not None:
         metrics.update(tip_metrics(tokens, mask))
-        batch.update(selected=tokens.selected, divergence=tokens.divergence, quadrant=tokens.quadrant)
-    return metrics, batch
+        per_token.update(selected=tokens.selected, divergence=tokens.divergence, quadrant=tokens.quadrant)
+    return metrics, per_token
 
 
 def train(
