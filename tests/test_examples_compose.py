@@ -65,7 +65,7 @@ def validate(config) -> None:
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     import tip_verl.verl_ext.plugin  # noqa: F401  (registers tip_opd, tip_sync and the tip_* losses)
-    from tip_verl.verl_ext.losses import check_loss_route
+    from tip_verl.verl_ext.checks import check_startup
 
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     assert config.algorithm.adv_estimator in ADV_ESTIMATOR_REGISTRY, config.algorithm.adv_estimator
@@ -73,7 +73,7 @@ def validate(config) -> None:
         loss_mode = config.distillation.distillation_loss.loss_mode
         assert loss_mode in DISTILLATION_LOSS_REGISTRY, f"distillation loss_mode {loss_mode} is not registered"
         omega_conf_to_dataclass(config.distillation)
-    check_loss_route(config)
+    check_startup(config)
 
 
 def algorithm_overrides(args: list[str]) -> list[str]:
@@ -128,7 +128,7 @@ def test_example_composes_and_validates(script):
 
 def test_selected_head_script_sets_everything_but_the_patch(monkeypatch):
     from tip_verl.verl_ext import selected_lm_head
-    from tip_verl.verl_ext.trainer import updates_selected_only
+    from tip_verl.verl_ext.checks import updates_selected_only
 
     config = compose_verl(script_arguments(REPO / "examples" / "run_qwen3_8b_to_1p7b_opd_selected_head.sh"))
     assert updates_selected_only(config)

@@ -93,7 +93,7 @@ def test_tip_opd_gives_the_distrusted_group_verls_grpo_advantage_on_every_token(
 
 
 def test_checked_trust_is_refused_at_start_up_off_the_advantage_route():
-    from tip_verl.verl_ext.estimator import check_teacher_trust
+    from tip_verl.verl_ext.checks import check_teacher_trust
 
     check_teacher_trust({"algorithm": {"adv_estimator": "tip_opd", "tip": {"teacher_trust": "checked"}}})
     check_teacher_trust({"algorithm": {"adv_estimator": "grpo", "tip": {}}})

@@ -81,6 +81,18 @@ class TipConfig:
         return build_section(cls, section, "algorithm.tip")
 
 
+def config_value(config: Any, dotted: str, default: Any = None) -> Any:
+    """The value at `dotted` ("actor_rollout_ref.actor.strategy") of a nested config (DictConfig, dict, or an
+    object with attributes), or `default` where any level is missing or None."""
+    node = config
+    for key in dotted.split("."):
+        if node is None:
+            return default
+        getter = getattr(node, "get", None)
+        node = getter(key, None) if getter is not None else getattr(node, key, None)
+    return default if node is None else node
+
+
 def build_section(cls: type, section: Any, name: str) -> Any:
     """Build dataclass `cls` from None, an instance, or a mapping (dict or DictConfig) of its fields.
 

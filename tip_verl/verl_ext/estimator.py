@@ -9,7 +9,7 @@ import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
 
 from tip_verl.core.advantages import mix_advantages, select_and_reward
-from tip_verl.core.config import TipConfig
+from tip_verl.core.config import TipConfig, config_value
 from tip_verl.core.trust import teacher_trust
 from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.step_context import current_step
@@ -22,26 +22,6 @@ def _config_get(config: Any, key: str, default: Any) -> Any:
         return default
     getter = getattr(config, "get", None)
     return getter(key, default) if getter is not None else getattr(config, key, default)
-
-
-def check_teacher_trust(config: Any) -> None:
-    """Refuse `algorithm.tip.teacher_trust=checked` where it would not act: it judges each prompt's group from
-    the rollouts' outcomes and teacher log-probs inside `tip_opd`, so it needs algorithm.adv_estimator=tip_opd."""
-    algorithm = config["algorithm"]
-    tip = TipConfig.from_any(algorithm.get("tip"))
-    if tip.teacher_trust == "verified":
-        raise ValueError(
-            "algorithm.tip.teacher_trust=verified grades the teacher's own answer to each prompt, which verl's teacher "
-            "(a scoring server) does not generate: set algorithm.tip.teacher_trust=checked (evidence from the "
-            "student's rollouts) or always. The local demo loop runs verified."
-        )
-    if tip.teacher_trust == "checked" and algorithm.get("adv_estimator") != TIP_OPD:
-        raise ValueError(
-            "algorithm.tip.teacher_trust=checked decides per prompt group inside the tip_opd estimator, but "
-            f"algorithm.adv_estimator={algorithm.get('adv_estimator')}: set algorithm.adv_estimator=tip_opd (the "
-            "advantage route), or algorithm.tip.teacher_trust=always. On verl's loss route (loss_mode=tip_*) it is "
-            "not available yet; the local demo loop runs it on both routes."
-        )
 
 
 @register_adv_est(TIP_OPD)
@@ -92,14 +72,14 @@ def compute_tip_opd_advantage(
         old_log_probs=old_log_probs,
         teacher_logprobs=teacher_logprobs,
         entropy=entropy,
-        generator=selection_generator(tip_config.seed, step.step if step is not None else None),
+        generator=selection_generator(tip_config.seed, step.index if step is not None else None),
     )
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,
         response_mask=response_mask,
         index=index,
         epsilon=epsilon,
-        norm_adv_by_std_in_grpo=_config_get(config, "norm_adv_by_std_in_grpo", True),
+        norm_adv_by_std_in_grpo=config_value(config, "norm_adv_by_std_in_grpo", True),
     )
     if tip_config.teacher_trust != "always":
         teacher_correct = step.teacher_correct if step is not None else None

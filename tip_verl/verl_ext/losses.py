@@ -64,7 +64,6 @@ from tip_verl.core.distill_losses import (
     tip_loss_mask,
 )
 from tip_verl.core.schedule import teacher_coef_multiplier
-from tip_verl.verl_ext.engine_checks import check_loss_route_engine
 from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
@@ -115,7 +114,6 @@ def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
                 f"algorithm.tip.rule={tip.rule} on the loss route needs the student's entropy in the update "
                 "forward pass: set actor_rollout_ref.actor.calculate_entropy=true."
             )
-        check_loss_route_engine(config, tip.rule, loss_mode, get_distillation_loss_settings(loss_mode).use_topk)
     return tip, tip_loss
 
 

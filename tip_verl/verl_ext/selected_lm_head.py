@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from verl.trainer.distillation.losses import get_distillation_loss_settings
 
+from tip_verl.core.config import config_value
+
 PATCH_NAME = "verl-0.9.1-tip-selected-logprobs.patch"
 REQUIRED_MODEL_SETTINGS = {
     "actor_rollout_ref.model.use_remove_padding": True,
@@ -34,27 +36,20 @@ def verl_is_patched() -> bool:
     return "tip_selected" in inspect.signature(dense_common.forward_with_torch_backend).parameters
 
 
-def _get(config: Any, dotted: str) -> Any:
-    node = config
-    for key in dotted.split("."):
-        node = node.get(key) if node is not None else None
-    return node
-
-
 def selected_lm_head_advice(config: Any) -> Optional[str]:
     """None when the actor update will build logits only at the selected tokens; else what to change.
 
     config: the whole trainer config of a run whose actor update reads only the selected tokens.
     """
     missing = [
-        f"{key}={str(value).lower()}" for key, value in REQUIRED_MODEL_SETTINGS.items() if _get(config, key) != value
+        f"{key}={str(value).lower()}" for key, value in REQUIRED_MODEL_SETTINGS.items() if config_value(config, key) != value
     ]
-    if _get(config, BACKEND_KEY) not in PATCHED_BACKENDS:
+    if config_value(config, BACKEND_KEY) not in PATCHED_BACKENDS:
         missing.append(f"{BACKEND_KEY}=torch (or liger)")
-    if _get(config, "actor_rollout_ref.actor.strategy") not in ("fsdp", "fsdp2"):
+    if config_value(config, "actor_rollout_ref.actor.strategy") not in ("fsdp", "fsdp2"):
         missing.append("actor_rollout_ref.actor.strategy=fsdp (or fsdp2)")
-    loss_mode = _get(config, "distillation.distillation_loss.loss_mode")
-    if _get(config, "distillation.enabled") and loss_mode and get_distillation_loss_settings(loss_mode).use_topk:
+    loss_mode = config_value(config, "distillation.distillation_loss.loss_mode")
+    if config_value(config, "distillation.enabled") and loss_mode and get_distillation_loss_settings(loss_mode).use_topk:
         missing.append(
             f"a sampled-token teacher (distillation.distillation_loss.loss_mode=k3, not the top-k {loss_mode}: "
             "verl's top-k path needs every token's logits)"

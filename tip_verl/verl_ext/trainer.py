@@ -15,10 +15,9 @@ and the selection is sent as the `tip_selected` field, which the pinned
 `response_mask` is put back after the update for verl's metrics (nothing after the update reads `loss_mask`, and
 verl clears the step's keys at the end of the step).
 
-Where the trainer selects (tip_opd, preselect), what would fail or be wrong at step 1 is refused at start-up
-(`check_trainer_selection`): an entropy rule under rollout-correction bypass mode, a top-k teacher, and on the
-advantage route a rollout temperature other than the teacher's 1. In CPU mode, settings that would run there but
-compute something else than on a GPU are refused before those (`tip_verl.cpu.checks`).
+What would fail or be wrong at step 1 is refused when the trainer starts (`tip_verl.verl_ext.checks`).
+
+With `trainer.rollout_data_dir` set, verl's rollout dump gets TIP's per-rollout columns (`rollout_columns`).
 
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
@@ -40,14 +39,11 @@ from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.core.advantages import select_and_reward
 from tip_verl.core.config import TipConfig
-from tip_verl.core.distill_losses import ENTROPY_RULES
 from tip_verl.core.metrics import rollout_columns, tip_metrics
-from tip_verl.cpu import cpu_mode_requested
-from tip_verl.cpu.checks import check_cpu_mode_config
-from tip_verl.verl_ext.estimator import TIP_OPD, check_teacher_trust
-from tip_verl.verl_ext.losses import check_loss_route, check_sampled_token_teacher, loss_route_settings
+from tip_verl.verl_ext.checks import bypass_mode, check_startup, updates_selected_only
+from tip_verl.verl_ext.estimator import TIP_OPD
+from tip_verl.verl_ext.losses import loss_route_settings
 from tip_verl.verl_ext.rng import selection_generator
-from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
 logger = logging.getLogger(__name__)
@@ -75,13 +71,6 @@ def padded_bool(mask: torch.Tensor) -> torch.Tensor:
     return bools.to_padded_tensor(False)
 
 
-def bypass_mode(config) -> bool:
-    """algorithm.rollout_correction.bypass_mode: verl reuses the rollout's log-probs as old_log_probs and skips
-    the old-log-prob forward, which is what computes `entropy` (trainer_base._compute_old_log_prob)."""
-    correction = config.algorithm.get("rollout_correction")
-    return bool(correction and correction.get("bypass_mode", False))
-
-
 def tip_input_fields(config) -> list[str]:
     """The TransferQueue fields the trainer's selection reads. `entropy`, for the rules that read it and the
     quadrant metrics, whenever verl computed it (not under bypass mode, where those rules are refused)."""
@@ -92,39 +81,6 @@ def tip_input_fields(config) -> list[str]:
 def student_fields(config) -> list[str]:
     """The TransferQueue fields of the student's own per-token inputs (no teacher): see tip_input_fields."""
     return [field for field in tip_input_fields(config) if field != "teacher_logprobs"]
-
-
-def check_trainer_selection(config) -> None:
-    """Refuse at start-up what the trainer's own selection (adv_estimator=tip_opd or algorithm.tip.preselect=true)
-    would fail on, or get wrong, at step 1."""
-    tip = TipConfig.from_any(config.algorithm)
-    advantage_route = config.algorithm.adv_estimator == TIP_OPD
-    if not (advantage_route or tip.preselect):
-        return
-    selecting = "algorithm.adv_estimator=tip_opd" if advantage_route else "algorithm.tip.preselect=true"
-    if tip.rule in ENTROPY_RULES and bypass_mode(config):
-        raise ValueError(
-            f"algorithm.tip.rule={tip.rule} reads the student's entropy, which verl does not compute under "
-            "algorithm.rollout_correction.bypass_mode=true (it reuses the rollout's log-probs and skips the "
-            "old-log-prob forward). Set algorithm.rollout_correction.bypass_mode=false, or a rule that does not "
-            "read entropy: algorithm.tip.rule=divergence, random or all."
-        )
-    if config.distillation.enabled:
-        check_sampled_token_teacher(selecting, config.distillation.distillation_loss.loss_mode)
-    temperature = config.actor_rollout_ref.rollout.temperature
-    if advantage_route and temperature != 1.0:
-        raise ValueError(
-            f"{selecting} rewards log pT(y_t) - log pS_old(y_t), but verl's teacher scores at temperature 1 "
-            f"(teacher_manager forces it) while the old log-probs are at actor_rollout_ref.rollout.temperature="
-            f"{temperature}: the reward would measure the temperature, not the teacher. Set "
-            "actor_rollout_ref.rollout.temperature=1.0."
-        )
-
-
-def updates_selected_only(config) -> bool:
-    """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only, or preselect."""
-    tip = TipConfig.from_any(config.algorithm)
-    return tip.preselect or (config.algorithm.adv_estimator == TIP_OPD and tip.mix == "teacher_only")
 
 
 def masks_on_selected(masks: TensorDict, selected: torch.Tensor) -> TensorDict:
@@ -163,18 +119,13 @@ class TipSyncTrainer(PPOTrainerSync):
     selected tokens under mix=teacher_only or preselect."""
 
     def __init__(self, config):
-        if cpu_mode_requested():
-            check_cpu_mode_config(config)
-        check_loss_route(config)  # a typo in algorithm.tip / tip_loss fails at start-up, not at step 1
-        check_teacher_trust(config)
-        check_trainer_selection(config)
+        advice = check_startup(config)  # what would fail or be wrong at step 1 stops here, naming the key
+        if advice:
+            logger.warning(advice)
         self.updates_selected_only = updates_selected_only(config)
         self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
         self.dumps_rollouts = bool(config.trainer.get("rollout_data_dir"))
         self._rollout_columns: Optional[dict[str, dict]] = None  # this step's TIP columns of the rollout dump
-        advice = selected_lm_head_advice(config) if self.updates_selected_only else None
-        if advice:
-            logger.warning(advice)
         super().__init__(config)
 
     @property
@@ -202,7 +153,7 @@ class TipSyncTrainer(PPOTrainerSync):
             return batch
         fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        step = TipStep(step=self.global_steps - 1, **padded_tip_inputs(data))
+        step = TipStep(index=self.global_steps - 1, **padded_tip_inputs(data))
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
         response_mask = padded_bool(data["response_mask"])
@@ -213,7 +164,7 @@ class TipSyncTrainer(PPOTrainerSync):
                 old_log_probs=step.old_log_probs,
                 teacher_logprobs=step.teacher_logprobs,
                 entropy=step.entropy,
-                generator=selection_generator(tip.seed, step.step),
+                generator=selection_generator(tip.seed, step.index),
             )
         metrics.update(tip_metrics(step.tokens, response_mask))
         self._selected = response_to_nested(step.tokens.selected, data["response_mask"])

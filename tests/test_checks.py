@@ -1,4 +1,4 @@
-"""Start-up refusals of loss-route settings verl's engines cannot run (tip_verl/verl_ext/engine_checks.py).
+"""Start-up refusals of loss-route settings verl's engines cannot run (tip_verl/verl_ext/checks.py).
 
 Each refusal is checked on an example script composed against verl's own config (so the key it names exists
 there), next to a setting that passes; the fused-kernel one also by what it prevents: verl's FSDP engine hands
@@ -14,7 +14,7 @@ from test_examples_compose import REPO, compose_verl, script_arguments, validate
 from test_megatron_layout import configs, micro_batch, world
 from verl.utils import tensordict_utils as tu
 
-from tip_verl.verl_ext.engine_checks import DYNAMIC_CP_KEY, FUSED_KERNELS_KEY, check_loss_route_engine
+from tip_verl.verl_ext.checks import DYNAMIC_CP_KEY, FUSED_KERNELS_KEY, check_loss_route_engine
 from tip_verl.verl_ext.losses import compute_tip_topk_loss
 
 LOSS_ROUTE_SCRIPT = REPO / "examples" / "run_qwen3_8b_to_1p7b_opd_soft_or.sh"
