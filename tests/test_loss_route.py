@@ -336,6 +336,7 @@ def test_missing_settings_name_the_trainer_mode():
         ({"rule": "all", "ratio": 1.5}, None, {}, "ratio"),
         ({"rule": "nope"}, None, {}, "rule"),
         ({"rule": "all"}, {"schedul": "linear"}, {}, "Unknown key"),
+        ({"rule": "all"}, {"correct_threshold": 0.5}, {}, "correct_threshold is now algorithm.tip.correct_threshold"),
         ({"rule": "all"}, {"schedule": "linear"}, {}, "anneal_steps"),
         ({"rule": "all"}, {"correct_loss": "forward_kl_topk"}, {}, "estimator"),
         ({"rule": "all"}, {"score_field": "acc", "wrong_loss": "none"}, {}, "fields present"),

@@ -13,6 +13,8 @@ SELECTION_RULE_NAMES = selection_rule_names()
 DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
 MIX_NAMES = ("replace", "add", "teacher_only")
 TEACHER_TRUST_NAMES = ("always", "checked", "verified")
+# Keys that moved to another section: one threshold decides "correct" for teacher trust and the outcome split.
+MOVED_KEYS = {"correct_threshold": "algorithm.tip.correct_threshold"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def build_section(cls: type, section: Any, name: str) -> Any:
     values = _as_plain_mapping(section, name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
+    moved = [f"{key} is now {MOVED_KEYS[key]}" for key in unknown if key in MOVED_KEYS]
+    if moved:
+        raise ValueError(f"In {name}: {'; '.join(moved)}.")
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in {name}; valid keys are {sorted(fields)}.")
     return cls(**values)

@@ -169,7 +169,7 @@ class TipLossConfig:
         kl, k1, abs, mse, k2, low_var_kl, k3; top-k path: forward_kl_topk); "none": those rollouts get no
         distillation term at all.
     score_field: micro-batch field holding each rollout's outcome score, per token (summed over the response).
-    correct_threshold: a rollout is correct when its score is > this.
+    A rollout is correct when its score is > algorithm.tip.correct_threshold (the threshold of teacher trust too).
     teacher_entropy_tau: entropy gate of `tip_entropy_aware_topk`, in nats; the forward KL counts only where
         the teacher's entropy over its renormalised top-k is >= tau.
     schedule, warmup_steps, anneal_steps, final_coef: the teacher-coefficient schedule (tip_verl.core.schedule).
@@ -178,7 +178,6 @@ class TipLossConfig:
     correct_loss: Optional[str] = None
     wrong_loss: Optional[str] = None
     score_field: str = "rm_scores"
-    correct_threshold: float = 0.0
     teacher_entropy_tau: float = 0.8
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -192,10 +191,9 @@ class TipLossConfig:
                 raise ValueError(f"algorithm.tip_loss.{name}={value!r} must be null, 'none' or a divergence name.")
         if not isinstance(self.score_field, str) or not self.score_field:
             raise ValueError(f"algorithm.tip_loss.score_field={self.score_field!r} must be a field name, e.g. rm_scores.")
-        for name in ("correct_threshold", "teacher_entropy_tau"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"algorithm.tip_loss.{name}={value!r} must be a finite number.")
+        tau = self.teacher_entropy_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"algorithm.tip_loss.teacher_entropy_tau={tau!r} must be a finite number.")
         if self.teacher_entropy_tau < 0:
             raise ValueError(f"algorithm.tip_loss.teacher_entropy_tau={self.teacher_entropy_tau} must be >= 0 nats.")
         check_schedule(self.schedule, self.warmup_steps, self.anneal_steps, self.final_coef)

@@ -220,7 +220,7 @@ def loss_route_tokens(
 def divergences_by_outcome(config: LoopConfig, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     """Which rollouts get which divergence on the loss route, TRACE's outcome split: {loss name: bool (N,)}, from
     each rollout's outcome rewards (N, T) and `tip_loss.correct_loss` / `wrong_loss` (null: `loss`; 'none': none)."""
-    correct = rollout_correct(rewards, config.tip_loss.correct_threshold)
+    correct = rollout_correct(rewards, config.tip.correct_threshold)
     return split_by_outcome(config.tip_loss, correct, config.loss)
 
 

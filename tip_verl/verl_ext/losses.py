@@ -254,7 +254,7 @@ def apply_tip(
     eligible = response_mask
     if tip_loss.splits_by_outcome:
         scores = _rollout_scores(data, tip_loss.score_field, response_mask)
-        correct = rollout_correct(scores, tip_loss.correct_threshold)
+        correct = rollout_correct(scores, tip.correct_threshold)
         losses, keep = losses_by_outcome(split_by_outcome(tip_loss, correct, own_divergence), divergence)
         eligible = eligible & keep.unsqueeze(-1)
         metrics["tip_loss/correct_fraction"] = correct.float().mean().item()
