@@ -37,14 +37,7 @@ WORLD_DIR=${WORLD_DIR:-${HOME}/.cache/tip-verl/demo_world/${TASK}}
 OUT_DIR=${OUT_DIR:-${REPO_ROOT}/outputs/demo_world_${TASK}}
 N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one vLLM rollout engine each
 
-export TIP_VERL_CPU=1
-export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
-export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
-export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}
-export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
-KV_CACHE_BYTES=$((64 * 1024 * 1024))  # per vLLM engine (the vLLM settings are those of run_tiny_cpu.sh)
+source "${REPO_ROOT}/examples/cpu_common.sh"
 
 python3 -m tip_verl.worlds.demo --task "${TASK}" --route "${ROUTE:-advantage}" --out "${WORLD_DIR}" \
     ${STEPS:+--steps "${STEPS}"}
@@ -63,6 +56,8 @@ WORLD=(
 )
 
 CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
+    "${VLLM_CPU_ROLLOUT[@]}"
+    "${VLLM_CPU_TEACHER[@]}"
     reward.num_workers=1
     actor_rollout_ref.model.use_remove_padding=false
     actor_rollout_ref.model.enable_gradient_checkpointing=false
@@ -74,31 +69,7 @@ CPU=(  # the CPU settings of examples/run_tiny_cpu.sh
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32
-    actor_rollout_ref.rollout.name=vllm
-    actor_rollout_ref.rollout.load_format=dummy
-    +actor_rollout_ref.rollout.enable_sleep_mode=false
-    actor_rollout_ref.rollout.free_cache_engine=false
-    actor_rollout_ref.rollout.enforce_eager=true
-    +actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
-    actor_rollout_ref.rollout.mode=async
-    actor_rollout_ref.rollout.dtype=float32
-    actor_rollout_ref.rollout.tensor_model_parallel_size=1
-    actor_rollout_ref.rollout.calculate_log_probs=true
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16
-    actor_rollout_ref.rollout.agent.num_workers=1
-    actor_rollout_ref.rollout.checkpoint_engine.backend=naive
-    distillation.enabled=true
-    distillation.n_gpus_per_node=1
-    distillation.nnodes=1
-    distillation.teacher_models.teacher_model.num_replicas=1
-    distillation.teacher_models.teacher_model.inference.name=vllm
-    distillation.teacher_models.teacher_model.inference.load_format=auto
-    distillation.teacher_models.teacher_model.inference.dtype=float32
-    distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1
-    +distillation.teacher_models.teacher_model.inference.enable_sleep_mode=false
-    distillation.teacher_models.teacher_model.inference.free_cache_engine=false
-    distillation.teacher_models.teacher_model.inference.enforce_eager=true
-    +distillation.teacher_models.teacher_model.inference.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
     trainer.use_v1=true
     trainer.device=cpu
     trainer.n_gpus_per_node="${N_PROCS}"

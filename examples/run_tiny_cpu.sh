@@ -28,16 +28,7 @@ TEACHER=${TEACHER:-1}
 ALGO=${ALGO:-tip_opd}
 N_PROCS=${N_PROCS:-2}  # trainer ranks (FSDP2 over gloo), one vLLM rollout engine each
 
-export TIP_VERL_CPU=1                        # switches tip-verl's CPU mode on (platform, engines, vLLM shims)
-# Load tip-verl in every verl process even when the package's verl.plugins entry point is not
-# installed (e.g. a source checkout); CPU mode first, as our entry point does.
-export VERL_USE_EXTERNAL_MODULES=tip_verl.cpu.plugin,tip_verl.verl_ext.plugin
-export PYTHONPATH=${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
-export VERL_FILE_LOGGER_PATH=${VERL_FILE_LOGGER_PATH:-${OUT_DIR}/metrics.jsonl}  # verl file logger (one JSON line per step)
-# vLLM's CPU build: no pinning of its OpenMP threads to cores (every engine would pin itself to the same ones)
-export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+source "${REPO_ROOT}/examples/cpu_common.sh"
 
 python3 -m tip_verl.worlds.tiny --out "${TINY_DIR}"
 
@@ -76,48 +67,19 @@ ACTOR=(
     +actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32
 )
 
-# verl's vLLM engine on vLLM's CPU build: no sleep mode or CUDA graphs on the CPU, and a KV cache of 64 MiB per
-# engine (by default vLLM takes gpu_memory_utilization of the host's RAM for each; VLLM_CPU_KVCACHE_SPACE, if
-# set, overrides it in whole GiB)
-KV_CACHE_BYTES=$((64 * 1024 * 1024))
-VLLM_CPU=(
-    +actor_rollout_ref.rollout.enable_sleep_mode=false
-    actor_rollout_ref.rollout.free_cache_engine=false
-    actor_rollout_ref.rollout.enforce_eager=true
-    +actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
-)
-
 ROLLOUT=(
-    actor_rollout_ref.rollout.name=vllm
-    actor_rollout_ref.rollout.load_format=dummy   # random weights until verl's first weight sync
-    actor_rollout_ref.rollout.mode=async
-    actor_rollout_ref.rollout.dtype=float32
+    "${VLLM_CPU_ROLLOUT[@]}"
     actor_rollout_ref.rollout.n=4
-    actor_rollout_ref.rollout.tensor_model_parallel_size=1
-    actor_rollout_ref.rollout.calculate_log_probs=true
     actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8
-    actor_rollout_ref.rollout.agent.num_workers=1
-    actor_rollout_ref.rollout.checkpoint_engine.backend=naive
 )
 
 TEACHER_ARGS=()
 if [[ "${TEACHER}" == "1" ]]; then
     TEACHER_ARGS=(
-        distillation.enabled=true
-        distillation.n_gpus_per_node=1
-        distillation.nnodes=1
+        "${VLLM_CPU_TEACHER[@]}"
         distillation.distillation_loss.loss_mode=k3
         distillation.distillation_loss.use_task_rewards=true
         distillation.teacher_models.teacher_model.model_path="${TINY_DIR}/teacher"
-        distillation.teacher_models.teacher_model.num_replicas=1
-        distillation.teacher_models.teacher_model.inference.name=vllm
-        distillation.teacher_models.teacher_model.inference.load_format=auto   # the teacher's own weights
-        distillation.teacher_models.teacher_model.inference.dtype=float32
-        distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size=1
-        +distillation.teacher_models.teacher_model.inference.enable_sleep_mode=false
-        distillation.teacher_models.teacher_model.inference.free_cache_engine=false
-        distillation.teacher_models.teacher_model.inference.enforce_eager=true
-        +distillation.teacher_models.teacher_model.inference.engine_kwargs.vllm.kv_cache_memory_bytes="${KV_CACHE_BYTES}"
     )
 fi
 
@@ -155,4 +117,4 @@ TRAINER=(
 
 # tip_verl.cpu.shm runs the trainer, then removes the shared-memory segments its vLLM processes left in /dev/shm
 python3 -m tip_verl.cpu.shm python3 -m verl.trainer.main_ppo \
-    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${VLLM_CPU[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${ALGORITHM[@]}" "${TRAINER[@]}" "$@"
+    "${DATA[@]}" "${MODEL[@]}" "${ACTOR[@]}" "${ROLLOUT[@]}" "${TEACHER_ARGS[@]}" "${ALGORITHM[@]}" "${TRAINER[@]}" "$@"

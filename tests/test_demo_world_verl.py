@@ -15,7 +15,6 @@ and that the student learned in verl's trainer: its KL to the teacher on the tea
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from test_examples_compose import compose_verl, validate
+from tiny_runs import REPO_ROOT, run_script
 
 from tip_verl.core.config import TipConfig
 from tip_verl.worlds import demo as demo_world
@@ -33,7 +33,6 @@ from tip_verl.local.evaluate import greedy_accuracy
 from tip_verl.local.loop import LoopConfig
 from tip_verl.local.tasks import get_task
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "run_demo_world_cpu.sh"
 WORLD_TASK = "add3_scratch"  # the script's default TASK, the world docs/cpu_mode.md measures verl's trainer on
 EVAL_SIZE = 64
@@ -255,19 +254,8 @@ def test_verl_trainer_learns_the_demo_world(tmp_path, task):
     env = {**os.environ, "STEPS": str(E2E_STEPS), "VAL_EVERY": str(E2E_STEPS), "WORLD_DIR": str(world_dir),
            "OUT_DIR": str(out_dir), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            ["bash", str(SCRIPT), f"data.val_max_samples={E2E_VAL_SIZE}", f"trainer.save_freq={E2E_STEPS}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
-        )
-        try:
-            returncode = process.wait(timeout=E2E_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"run_demo_world_cpu.sh took over {E2E_TIMEOUT_S} s; log: {log_path}")
-    if returncode != 0:
-        pytest.fail(f"run_demo_world_cpu.sh exited {returncode}; log tail:\n{log_path.read_text()[-6000:]}")
+    run_script([f"data.val_max_samples={E2E_VAL_SIZE}", f"trainer.save_freq={E2E_STEPS}"], env, log_path,
+               E2E_TIMEOUT_S, script=SCRIPT)
     summary = log_path.read_text().rstrip().splitlines()[-1]
     assert re.fullmatch(rf"validation accuracy: [\d.]+% -> [\d.]+% \(teacher [\d.]+%\) in {E2E_STEPS} steps, \d+ s",
                         summary), summary

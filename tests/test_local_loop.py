@@ -48,13 +48,18 @@ def reverse_kl_to_teacher(task, teacher, student) -> float:
     return ((kl * probe.response_mask).sum() / probe.response_mask.sum()).item()
 
 
-def test_tip_opd_moves_the_student_toward_the_teacher(task_and_models, tmp_path):
+def train_a_copy(config: LoopConfig, task_and_models, out_dir) -> tuple[float, float, list[dict]]:
+    """Train a copy of the shipped student with `config`: its KL to the teacher before and after, and the records."""
     task, teacher, student = task_and_models
     student = _copy(student)
     before = reverse_kl_to_teacher(task, teacher, student)
-    assert train(SMOKE, tmp_path, teacher, student) == "completed"
+    assert train(config, out_dir, teacher, student) == "completed"
     after = reverse_kl_to_teacher(task, teacher, student)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return before, after, [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tip_opd_moves_the_student_toward_the_teacher(task_and_models, tmp_path):
+    before, after, records = train_a_copy(SMOKE, task_and_models, tmp_path)
     assert [r["step"] for r in records] == list(range(SMOKE.steps + 1))
     assert 0.45 <= records[1]["tokens/trained_fraction"] <= 0.55
     assert after < 0.95 * before, (before, after)  # 0.794 -> 0.718 on the shipped models

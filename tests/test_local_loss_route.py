@@ -15,18 +15,13 @@ from tip_verl.core.trust import TeacherTrust
 from tip_verl.local.loop import LoopConfig, distilled_mask, divergences_by_outcome, policy_loss_mask, train
 from tip_verl.local.rollout import head_logprobs_and_entropy, response_hidden, sample
 
-from test_local_loop import SMOKE, _copy, reverse_kl_to_teacher, task_and_models  # noqa: F401  (fixture)
+from test_local_loop import SMOKE, _copy, reverse_kl_to_teacher, task_and_models, train_a_copy  # noqa: F401  (fixture)
 
 LOSS_SMOKE = dataclasses.replace(SMOKE, route="loss", warmup_steps=1)
 
 
 def test_loss_route_moves_the_student_toward_the_teacher(task_and_models, tmp_path):
-    task, teacher, student = task_and_models
-    student = _copy(student)
-    before = reverse_kl_to_teacher(task, teacher, student)
-    assert train(LOSS_SMOKE, tmp_path, teacher, student) == "completed"
-    after = reverse_kl_to_teacher(task, teacher, student)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    before, after, records = train_a_copy(LOSS_SMOKE, task_and_models, tmp_path)
     assert 0.45 <= records[1]["tokens/trained_fraction"] <= 0.55
     assert records[1]["tokens/nonzero_advantage_fraction"] == 0.0  # teacher_only: no policy-loss token
     assert math.isfinite(records[-1]["actor/loss"])

@@ -18,13 +18,13 @@ RUN_TIMEOUT_S = 900
 SYNCED_MAX_DIFF = 1e-5
 
 
-def run_script(overrides, env: dict, log_path: Path, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    """Run ``examples/run_tiny_cpu.sh`` with hydra ``overrides`` and exactly ``env``, its output in ``log_path``;
-    fail the test, with the log's tail, on a timeout or a non-zero exit."""
+def run_script(overrides, env: dict, log_path: Path, timeout_s: float = RUN_TIMEOUT_S, script: Path = SCRIPT) -> None:
+    """Run the launch script `script` (``examples/run_tiny_cpu.sh``) with hydra ``overrides`` and exactly ``env``,
+    its output in ``log_path``; fail the test, with the log's tail, on a timeout or a non-zero exit."""
     with open(log_path, "w") as log:
         # Own session, so a timeout stops the trainer and its Ray cluster too, not only bash.
         process = subprocess.Popen(
-            ["bash", str(SCRIPT), *overrides],
+            ["bash", str(script), *overrides],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -36,9 +36,9 @@ def run_script(overrides, env: dict, log_path: Path, timeout_s: float = RUN_TIME
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            pytest.fail(f"run_tiny_cpu.sh took over {timeout_s} s; log: {log_path}")
+            pytest.fail(f"{script.name} took over {timeout_s} s; log: {log_path}")
     if returncode != 0:
-        pytest.fail(f"run_tiny_cpu.sh exited {returncode}; log tail:\n{log_path.read_text()[-6000:]}")
+        pytest.fail(f"{script.name} exited {returncode}; log tail:\n{log_path.read_text()[-6000:]}")
 
 
 def run_tiny(
