@@ -1,4 +1,4 @@
-"""The embedded world's pieces: task checkers, every task's teacher and student, the tokenizer, and the
+"""The CPU demo's pieces: task checkers, every task's teacher and student, the tokenizer, and the
 rollout's padding and EOS masks."""
 
 import random

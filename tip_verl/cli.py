@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tip_verl.local.tasks import DEFAULT_TASK, TASKS
 
     parser = argparse.ArgumentParser(prog="tip-verl", description="Token-importance on-policy distillation (TIP) "
-                                     "mixed with GRPO, as a verl plugin. Subcommands run its embedded CPU world.")
+                                     "mixed with GRPO, as a verl plugin. Subcommands run its CPU demo "
+                                     "(tip_verl.local) and check a verl install.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="distil a tiny student from a tiny teacher on CPU (a few minutes)",
                           description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,6 @@
-"""An embedded CPU world for TIP: synthetic tasks, a tiny teacher and student, and an on-policy loop.
+"""The CPU demo (`tip-verl demo`): synthetic tasks, a tiny teacher and student, and an on-policy loop that runs
+verl's own estimator and policy loss without verl's trainer. verl's trainer runs the same world through
+`tip_verl.worlds.demo`.
 
 tasks        verifiable tasks behind a registry (prompt, reference response, checker)
 tokenizer    the character-level tokenizer every task uses
