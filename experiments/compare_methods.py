@@ -57,7 +57,12 @@ TRUST_METHODS = {  # the checker-verified teacher (tip_verl.core.trust): GRPO al
     "soft_or 50% + GRPO (replace), verified teacher": {
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace", "teacher_trust": "verified"}},
 }
-ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS}
+LOSS_METHODS = {  # issue: does Q3's small budget fail under reverse KL, and hold up with a mass-covering loss?
+    "q3 10%, forward KL": {"tip": {"rule": "q3", "ratio": 0.1, "mix": "teacher_only"}, "loss": "forward_kl"},
+    "q3 10%, JSD": {"tip": {"rule": "q3", "ratio": 0.1, "mix": "teacher_only"}, "loss": "jsd"},
+    "OPD all tokens, forward KL": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}, "loss": "forward_kl"},
+}
+ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS, **LOSS_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 # final accuracy by slice, for a task whose teacher (student) was taught a known mistake
