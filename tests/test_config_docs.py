@@ -11,6 +11,7 @@ import pytest
 
 from tip_verl.core import config as tip_config
 from tip_verl.core.config import TipConfig
+from tip_verl.core.selection import selection_rule_names
 
 CONFIG_MD = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -34,7 +35,7 @@ SECTIONS = {
 
 # documented choices of a key -> what the config accepts
 CHOICES = {
-    ("algorithm.tip", "rule"): lambda: tip_config.SELECTION_RULE_NAMES,
+    ("algorithm.tip", "rule"): selection_rule_names,
     ("algorithm.tip", "divergence"): lambda: tip_config.DIVERGENCE_NAMES,
     ("algorithm.tip", "mix"): lambda: tip_config.MIX_NAMES,
     ("algorithm.tip", "teacher_trust"): lambda: tip_config.TEACHER_TRUST_NAMES,

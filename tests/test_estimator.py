@@ -81,7 +81,7 @@ def test_defaults_are_soft_or_half_k3_replace():
 
     def run_with(tip):
         config = OmegaConf.create({"adv_estimator": "tip_opd", **({"tip": tip} if tip is not None else {})})
-        with tip_step(TipStep(index=0)) as step:
+        with tip_step(TipStep(step_index=0)) as step:
             advantages, _ = get_adv_estimator_fn("tip_opd")(
                 token_level_rewards=token_level_rewards(), response_mask=MASK, index=INDEX, config=config,
                 old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY,
@@ -115,7 +115,7 @@ def test_inputs_from_trainer_step_and_metrics():
 
 
 def random_rule_selection(step):
-    with tip_step(TipStep(index=step, old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY)) as bound:
+    with tip_step(TipStep(step_index=step, old_log_probs=OLD, teacher_logprobs=TEACHER, entropy=ENTROPY)) as bound:
         run("teacher_only", rule="random", seed=7)
     return bound.tokens.selected
 

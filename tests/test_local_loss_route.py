@@ -72,7 +72,7 @@ def test_outcome_split_gives_each_rollout_the_divergence_of_its_outcome(correct_
     assert {name: rows.tolist() for name, rows in rows_by_divergence.items()} == expected
 
 
-def test_selected_tokens_of_a_rollout_routed_to_none_get_the_grpo_advantage_under_replace():
+def test_selected_tokens_of_a_rollout_split_to_none_get_the_grpo_advantage_under_replace():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     selected = torch.tensor([[True, False, True, False], [False, True, False, False]])
     config = LoopConfig(tip=TipConfig(mix="replace"), tip_loss=TipLossConfig(correct_loss="none"))

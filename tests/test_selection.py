@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from tip_verl.core.advantages import select_and_reward
-from tip_verl.core.config import SELECTION_RULE_NAMES, TipConfig
-from tip_verl.core.distill_losses import ENTROPY_RULES
+from tip_verl.core.config import TipConfig
 from tip_verl.core.reference_selection import REFERENCE_KEYS, reference_select
 from tip_verl.core.scores import divergence_estimate
 from tip_verl.core.selection import (
@@ -234,11 +233,27 @@ def test_each_rule_reads_what_it_declares(rule):
     assert drew == ("random" in reads)
 
 
-def test_rule_lists_follow_the_registry():
-    assert SELECTION_RULE_NAMES == selection_rule_names() == ("all", *SELECTION_RULES)
-    assert ENTROPY_RULES == tuple(rule for rule, reads in SELECTION_RULE_READS.items() if "entropy" in reads)
-    for rule in SELECTION_RULE_NAMES:
-        assert TipConfig(rule=rule).rule == rule
+@pytest.fixture
+def late_rule():
+    """A rule registered after the package was imported, as a user's plugin module would; removed afterwards."""
+    name = "late_entropy_draw"
+    register_selection_rule(name, reads=("entropy", "random"))(lambda inputs: inputs.entropy)
+    yield name
+    del SELECTION_RULES[name], SELECTION_RULE_READS[name]
+
+
+def test_a_rule_registered_late_is_known_everywhere(late_rule):
+    """The config, the start-up checks and the CLI read the registry when they check, not at import."""
+    from tip_verl.cli import build_parser
+    from tip_verl.verl_ext.checks import check_loss_route_engine
+
+    assert late_rule in selection_rule_names() and selection_rule_names()[0] == "all"
+    assert TipConfig(rule=late_rule).rule == late_rule
+    assert late_rule in rules_reading("entropy") and late_rule in rules_reading("random")
+    dynamic_cp = {"actor_rollout_ref": {"actor": {"megatron": {"dynamic_context_parallel": True}}}}
+    with pytest.raises(ValueError, match=f"rule={late_rule} draws its selection"):
+        check_loss_route_engine(dynamic_cp, late_rule, "tip_k3", uses_topk=False)
+    assert build_parser().parse_args(["demo", "--rule", late_rule]).rule == late_rule
 
 
 def test_registration_refuses_an_unknown_input_and_a_taken_name():

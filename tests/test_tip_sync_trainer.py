@@ -202,6 +202,38 @@ def test_advantage_step_reads_entropy_old_and_teacher_response_part(transfer_que
     assert {"tip/quadrant/q3_share", "tip/teacher_reward/selected_mean"} <= set(metrics)
 
 
+def test_rollout_dump_gets_each_rollouts_tip_columns(transfer_queue, tmp_path, monkeypatch):
+    """With trainer.rollout_data_dir, verl's dump of the step's rollouts (named by their keys, in verl's sorted
+    order) gets TIP's columns; a validation dump, whose keys are others, passes unchanged."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    tq = transfer_queue
+    samples, response_teacher = make_samples(torch.Generator().manual_seed(1))
+    keys = [f"dump{i // 2}_{i}_0" for i in range(len(samples))]
+    batch = tq.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
+    trainer = TipSyncTrainer(verl_config(extra=[f"trainer.rollout_data_dir={tmp_path}"]))
+    trainer.global_steps = 1
+    trainer._compute_advantage(batch, {})
+    dumped = []
+    monkeypatch.setattr(PPOTrainerSync, "_dump_generations", lambda self, *args: dumped.append(args[4]))
+
+    order = [3, 0, 2, 1]
+    trainer._dump_generations([""] * 4, [""] * 4, [None] * 4, [0.0] * 4, {"uid": [keys[i] for i in order]}, "d")
+    trainer._dump_generations([""], [""], [None], [0.0], {"uid": ["val_0_0"]}, "d")
+    columns, validation = dumped
+    assert validation == {"uid": ["val_0_0"]}
+    lengths = [ROLLOUTS[i][1] for i in order]
+    assert columns["tip_response_tokens"] == lengths
+    assert columns["tip_selected_tokens"] == [max(1, length // 2) for length in lengths]  # ratio 0.5
+    assert [sum(row) for row in columns["tip_selected"]] == columns["tip_selected_tokens"]
+    for row, i in enumerate(order):
+        old = samples[i]["old_log_probs"]
+        assert columns["tip_old_log_prob"][row] == pytest.approx(old.tolist())
+        assert columns["tip_entropy"][row] == pytest.approx(samples[i]["entropy"].tolist())
+        assert columns["tip_teacher_reward"][row] == pytest.approx((response_teacher[i] - old).tolist())
+        assert columns["tip_divergence"][row] == pytest.approx((response_teacher[i] - old).abs().tolist())  # abs_k1
+
+
 def test_bypass_mode_step_runs_without_entropy(transfer_queue):
     """Under rollout-correction bypass mode verl writes no entropy; rule=divergence runs without it."""
     from verl.utils.tensordict_utils import list_of_dict_to_tensordict

@@ -11,7 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
-from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, SELECTION_RULE_NAMES, TEACHER_TRUST_NAMES
+from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, TEACHER_TRUST_NAMES
+from tip_verl.core.selection import selection_rule_names
 
 DEMO_HELP = """\
 On-policy distillation on 2 CPU cores, end to end, in a few minutes.
@@ -67,7 +68,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                        help="divergence axis of the rules on the loss route: exact_kl (full vocabulary, the paper's) "
                        "or sampled (the --divergence estimate from the sampled token) (default: %(default)s)")
     tip = parser.add_argument_group("TIP (the keys of verl's algorithm.tip)")
-    tip.add_argument("--rule", default=defaults.tip.rule, choices=SELECTION_RULE_NAMES, help="(default: %(default)s)")
+    tip.add_argument(
+        "--rule", default=defaults.tip.rule, choices=selection_rule_names(), help="(default: %(default)s)"
+    )
     tip.add_argument("--ratio", type=float, default=defaults.tip.ratio, help="share of each response's tokens "
                      "given the teacher signal (default: %(default)s)")
     tip.add_argument("--mix", default=defaults.tip.mix, choices=MIX_NAMES, help="teacher_only: pure OPD on the "

@@ -9,7 +9,6 @@ from typing import Any, Mapping, Optional
 
 from tip_verl.core.selection import selection_rule_names
 
-SELECTION_RULE_NAMES = selection_rule_names()
 DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
 MIX_NAMES = ("replace", "add", "teacher_only")
 TEACHER_TRUST_NAMES = ("always", "checked", "verified")
@@ -42,7 +41,7 @@ class TipConfig:
     correct_threshold: float = 0.0
 
     def __post_init__(self):
-        _check_choice("rule", self.rule, SELECTION_RULE_NAMES)
+        _check_choice("rule", self.rule, selection_rule_names())  # live: rules registered later count
         _check_choice("divergence", self.divergence, DIVERGENCE_NAMES)
         _check_choice("mix", self.mix, MIX_NAMES)
         _check_choice("teacher_trust", self.teacher_trust, TEACHER_TRUST_NAMES)

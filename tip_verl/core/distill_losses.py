@@ -26,9 +26,8 @@ from tip_verl.core.schedule import check_schedule
 from tip_verl.core.scores import check_finite, k3_estimate
 from tip_verl.core.selected_divergence import DIVERGENCE_LOSS_NAMES as HAND_WRITTEN_GRADIENTS
 from tip_verl.core.selected_divergence import selected_token_divergence
-from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens, selection_budget
+from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens, selection_budget, selection_rule_names
 
-ENTROPY_RULES = rules_reading("entropy")
 NO_TEACHER_TERM = "none"  # correct_loss / wrong_loss value: those rollouts get no distillation term
 K3_LINEAR_ABOVE = 40.0  # log q where k3 turns linear: e^40 ~ 2.4e17, far from float32's 3.4e38
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -303,15 +302,16 @@ def tip_loss_mask(
 
     eligible: bool (B, T), response tokens still in play (after the outcome split and the entropy gate);
     divergence: (B, T) per-token loss, the divergence axis of the rules; entropy: (B, T) student entropy in
-    nats, or None (then only rules all, random, divergence can run). Each rollout keeps
+    nats, or None (then only the rules that do not read it can run). Each rollout keeps
     max(1, floor(ratio * eligible_i)) of its eligible tokens. entropy_quantile / divergence_quantile: the batch
     quantiles Soft-OR clips entropy (B, T) and divergence (B, T) at before min-max (algorithm.tip.*_quantile).
     """
-    if entropy is None and rule in ENTROPY_RULES:
+    if entropy is None and rule in rules_reading("entropy"):
         raise ValueError(
             f"algorithm.tip.rule={rule} needs the student's per-token entropy, which is not in the model output: "
             "set actor_rollout_ref.actor.calculate_entropy=true so verl computes it in the update forward pass. "
-            "Without it only the rules all, random and divergence can run on the loss route."
+            f"Without it only the rules {', '.join(r for r in selection_rule_names() if r not in rules_reading('entropy'))} "
+            "can run on the loss route."
         )
     eligible = eligible.bool()
     if not eligible.any():

@@ -1,6 +1,8 @@
 """Start-up checks of CPU mode: settings that run on the CPU but train something else than they do on a GPU."""
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from tip_verl.core.config import config_value
 
 # verl copies actor.ulysses_sequence_parallel_size (deprecated) into fsdp_config; the ref defaults to the actor's.
 SEQUENCE_PARALLEL_KEYS = (
@@ -24,7 +26,7 @@ def check_cpu_mode_config(config: DictConfig) -> None:
     config: the whole trainer config.
     """
     for key in SEQUENCE_PARALLEL_KEYS:
-        size = OmegaConf.select(config, key, default=None)
+        size = config_value(config, key)
         if size is not None and int(size) > 1:
             raise ValueError(
                 f"{key}={size}: Ulysses sequence parallelism computes wrong log-probs in CPU mode (TIP_VERL_CPU=1): "

@@ -15,7 +15,10 @@ mode only:
    keeps the weights: vLLM then runs ``torch.nn.functional.linear`` on them.
 3. Batch invariance. verl's ``rollout.full_determinism=true`` exports ``VLLM_BATCH_INVARIANT=1``, which swaps
    vLLM's reductions for Triton kernels that exist on GPUs only (the engine dies at its first request:
-   ``'function' object is not subscriptable``). In CPU mode it is set to 0 in every process: the rollouts stay
+   ``'function' object is not subscriptable``). In CPU mode it is set to 0 wherever CPU mode activates: verl's
+   vLLM server sets it to 1 again after that, but vLLM's engine processes, which inherit it, import verl's worker
+   extension, and so CPU mode, before they build the model, and set it back to 0 (the deterministic e2e runs of
+   tests/test_examples_on_cpu.py would die at their first request otherwise). The rollouts stay
    deterministic through what verl's full_determinism also does (a fixed seed per request and replica, fixed
    request ids), as long as the engines see the same batches.
 

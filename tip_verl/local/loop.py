@@ -183,7 +183,7 @@ def tip_opd_advantages(
     step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
     teacher_correct: (N,) bool, the checker's verdict on the teacher's own answer (teacher_trust=verified).
     """
-    with tip_step(TipStep(index=step - 1, teacher_correct=teacher_correct)) as bound:
+    with tip_step(TipStep(step_index=step - 1, teacher_correct=teacher_correct)) as bound:
         advantages, _ = get_adv_estimator_fn("tip_opd")(
             token_level_rewards=rewards,
             response_mask=response_mask,

@@ -31,18 +31,21 @@ from typing import Any, Optional
 from verl.trainer.distillation.losses import get_distillation_loss_settings
 
 from tip_verl.core.config import TipConfig, config_value
-from tip_verl.core.distill_losses import ENTROPY_RULES
-from tip_verl.core.selection import rules_reading
+from tip_verl.core.selection import rules_reading, selection_rule_names
 from tip_verl.cpu import cpu_mode_requested
 from tip_verl.cpu.checks import check_cpu_mode_config
 from tip_verl.verl_ext.estimator import TIP_OPD
 from tip_verl.verl_ext.losses import TIP_PREFIX, check_loss_route, check_sampled_token_teacher
 from tip_verl.verl_ext.selected_lm_head import selected_lm_head_advice
 
-RANDOM_RULES = rules_reading("random")
 FUSED_KERNELS_KEY = "actor_rollout_ref.model.use_fused_kernels"
 FUSED_TOPK_STRATEGIES = ("veomni",)  # engines whose fused kernel computes the top-k forward KL itself
 DYNAMIC_CP_KEY = "actor_rollout_ref.actor.megatron.dynamic_context_parallel"
+
+
+def rules_without(read: str) -> list[str]:
+    """The registered rules (with `all`) that do not read `read` (entropy, divergence or random draws)."""
+    return [rule for rule in selection_rule_names() if rule not in rules_reading(read)]
 
 
 def check_loss_route_engine(config: Any, rule: str, loss_mode: str, uses_topk: bool) -> None:
@@ -56,12 +59,12 @@ def check_loss_route_engine(config: Any, rule: str, loss_mode: str, uses_topk: b
             f"actor_rollout_ref.actor.strategy={strategy} forward never builds them and the loss would fail at "
             f"step 1. Set {FUSED_KERNELS_KEY}=false, or a sampled-token loss_mode (tip_k3, ...)."
         )
-    if rule in RANDOM_RULES and config_value(config, DYNAMIC_CP_KEY):
+    if rule in rules_reading("random") and config_value(config, DYNAMIC_CP_KEY):
         raise ValueError(
             f"algorithm.tip.rule={rule} draws its selection in every rank that computes the loss, but with "
             f"{DYNAMIC_CP_KEY}=true the ranks that share a sequence change from micro-batch to micro-batch and "
             "cannot draw alike, so one sequence would be trained under several selections. Set "
-            f"{DYNAMIC_CP_KEY}=false, or a rule without draws (soft_or, q3, entropy, divergence, all)."
+            f"{DYNAMIC_CP_KEY}=false, or a rule without draws ({', '.join(rules_without('random'))})."
         )
 
 
@@ -80,12 +83,12 @@ def check_trainer_selection(config) -> None:
     if not (advantage_route or tip.preselect):
         return
     selecting = "algorithm.adv_estimator=tip_opd" if advantage_route else "algorithm.tip.preselect=true"
-    if tip.rule in ENTROPY_RULES and bypass_mode(config):
+    if tip.rule in rules_reading("entropy") and bypass_mode(config):
         raise ValueError(
             f"algorithm.tip.rule={tip.rule} reads the student's entropy, which verl does not compute under "
             "algorithm.rollout_correction.bypass_mode=true (it reuses the rollout's log-probs and skips the "
             "old-log-prob forward). Set algorithm.rollout_correction.bypass_mode=false, or a rule that does not "
-            "read entropy: algorithm.tip.rule=divergence, random or all."
+            f"read entropy: algorithm.tip.rule={' or '.join(rules_without('entropy'))}."
         )
     if config.distillation.enabled:
         check_sampled_token_teacher(selecting, config.distillation.distillation_loss.loss_mode)

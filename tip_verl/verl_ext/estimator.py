@@ -17,13 +17,6 @@ from tip_verl.verl_ext.step_context import current_step
 TIP_OPD = "tip_opd"
 
 
-def _config_get(config: Any, key: str, default: Any) -> Any:
-    if config is None:
-        return default
-    getter = getattr(config, "get", None)
-    return getter(key, default) if getter is not None else getattr(config, key, default)
-
-
 @register_adv_est(TIP_OPD)
 def compute_tip_opd_advantage(
     token_level_rewards: torch.Tensor,
@@ -72,7 +65,7 @@ def compute_tip_opd_advantage(
         old_log_probs=old_log_probs,
         teacher_logprobs=teacher_logprobs,
         entropy=entropy,
-        generator=selection_generator(tip_config.seed, step.index if step is not None else None),
+        generator=selection_generator(tip_config.seed, step.step_index if step is not None else None),
     )
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,

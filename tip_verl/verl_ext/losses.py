@@ -47,10 +47,9 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
-from tip_verl.core.config import TipConfig
+from tip_verl.core.config import TipConfig, config_value
 from tip_verl.core.distill_losses import (
     DIVERGENCES,
-    ENTROPY_RULES,
     TipLossConfig,
     check_loss_inputs,
     divergence_names,
@@ -64,6 +63,7 @@ from tip_verl.core.distill_losses import (
     tip_loss_mask,
 )
 from tip_verl.core.schedule import teacher_coef_multiplier
+from tip_verl.core.selection import rules_reading
 from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
@@ -101,15 +101,15 @@ def check_loss_route(config: Any) -> tuple[TipConfig, TipLossConfig]:
     algorithm = config["algorithm"]
     tip = TipConfig.from_any(algorithm.get("tip"))
     tip_loss = TipLossConfig.from_any(algorithm.get("tip_loss"))
-    distillation = config.get("distillation") or {}
-    loss_config = distillation.get("distillation_loss") or {}
-    loss_mode = loss_config.get("loss_mode", "")
+    distillation = config_value(config, "distillation", {})
+    loss_config = config_value(distillation, "distillation_loss", {})
+    loss_mode = config_value(loss_config, "loss_mode", "")
     if tip.preselect:
         _check_preselect(algorithm.get("adv_estimator"), distillation, loss_mode, loss_config)
     if distillation.get("enabled") and loss_mode.startswith(TIP_PREFIX):
         _check_loss_config(loss_mode, loss_config, tip_loss)
-        actor = (config.get("actor_rollout_ref") or {}).get("actor") or {}
-        if tip.rule in ENTROPY_RULES and not (actor.get("calculate_entropy") or actor.get("entropy_coeff")):
+        actor = config_value(config, "actor_rollout_ref.actor", {})
+        if tip.rule in rules_reading("entropy") and not (actor.get("calculate_entropy") or actor.get("entropy_coeff")):
             raise ValueError(
                 f"algorithm.tip.rule={tip.rule} on the loss route needs the student's entropy in the update "
                 "forward pass: set actor_rollout_ref.actor.calculate_entropy=true."

@@ -21,12 +21,12 @@ from tip_verl.core.advantages import TipTokens
 class TipStep:
     """Inputs of one advantage step, each (batch, response_length), and the estimator's output.
 
-    index: verl's 0-based training step, which seeds the random rules (see rng.selection_generator).
+    step_index: verl's 0-based training step, which seeds the random rules (see rng.selection_generator).
     teacher_correct: (batch,) bool, whether the checker accepts the teacher's own answer to each rollout's
         prompt, for teacher_trust=verified (the demo loop binds it; verl's trainer has no teacher answers).
     """
 
-    index: Optional[int] = None
+    step_index: Optional[int] = None
     old_log_probs: Optional[torch.Tensor] = None
     teacher_logprobs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None

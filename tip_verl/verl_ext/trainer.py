@@ -78,7 +78,7 @@ def tip_input_fields(config) -> list[str]:
     return fields if bypass_mode(config) else fields + ["entropy"]
 
 
-def student_fields(config) -> list[str]:
+def student_input_fields(config) -> list[str]:
     """The TransferQueue fields of the student's own per-token inputs (no teacher): see tip_input_fields."""
     return [field for field in tip_input_fields(config) if field != "teacher_logprobs"]
 
@@ -143,7 +143,7 @@ class TipSyncTrainer(PPOTrainerSync):
         if not (estimator_selects or tip.preselect):
             batch = super()._compute_advantage(batch, metrics)
             if self.dumps_rollouts:  # the loss route selects in the actor: the student's inputs only
-                fields = student_fields(self.config)
+                fields = student_input_fields(self.config)
                 data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
                 inputs = padded_tip_inputs(data)
                 columns = rollout_columns(
@@ -153,7 +153,7 @@ class TipSyncTrainer(PPOTrainerSync):
             return batch
         fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        step = TipStep(index=self.global_steps - 1, **padded_tip_inputs(data))
+        step = TipStep(step_index=self.global_steps - 1, **padded_tip_inputs(data))
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
         response_mask = padded_bool(data["response_mask"])
@@ -164,7 +164,7 @@ class TipSyncTrainer(PPOTrainerSync):
                 old_log_probs=step.old_log_probs,
                 teacher_logprobs=step.teacher_logprobs,
                 entropy=step.entropy,
-                generator=selection_generator(tip.seed, step.index),
+                generator=selection_generator(tip.seed, step.step_index),
             )
         metrics.update(tip_metrics(step.tokens, response_mask))
         self._selected = response_to_nested(step.tokens.selected, data["response_mask"])
