@@ -103,11 +103,14 @@ def test_non_finite_at_padding_is_ignored():
     assert torch.isfinite(advantages).all()
 
 
-def test_all_equal_divergence_cannot_be_min_max_normalised():
-    with pytest.raises(ValueError, match="Cannot min-max normalise teacher-student divergence: all 5 valid tokens"):
-        estimate({"rule": "soft_or"}, teacher=OLD.clone())
+def test_a_step_whose_divergence_is_all_equal_is_refused():
+    """The teacher is the student's own model: every token's divergence is 0 and no rule reading it can rank."""
+    for rule in ("soft_or", "q3", "divergence"):
+        with pytest.raises(ValueError, match="Cannot rank tokens by teacher-student divergence: all 5 valid tokens"):
+            estimate({"rule": rule}, teacher=OLD.clone())
+    estimate({"rule": "entropy"}, teacher=OLD.clone())  # a rule that does not read it runs
 
 
-def test_all_equal_entropy_cannot_be_min_max_normalised():
-    with pytest.raises(ValueError, match="Cannot min-max normalise student entropy"):
+def test_a_step_whose_entropy_is_all_equal_is_refused():
+    with pytest.raises(ValueError, match="Cannot rank tokens by student entropy"):
         estimate({"rule": "q3"}, entropy=torch.ones(2, 3))

@@ -16,7 +16,13 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig, DistillationConfig, DistillationLossConfig
 
 import tip_verl.verl_ext.plugin  # noqa: F401  (registers the tip_* losses, as verl's entry point does)
-from tip_verl.core.distill_losses import K3_LINEAR_ABOVE, TipLossConfig, k3_divergence, selected_token_weights
+from tip_verl.core.distill_losses import (
+    K3_LINEAR_ABOVE,
+    TipLossConfig,
+    k3_divergence,
+    selected_token_weights,
+    tip_loss_mask,
+)
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.selection import SelectionInputs, select_tokens
 from tip_verl.verl_ext.losses import SETTINGS_KEY, check_loss_route, loss_route_settings
@@ -411,3 +417,16 @@ def test_preselect_needs_verl_own_distillation_loss_without_task_reward(changes,
     assert tip.preselect
     with pytest.raises(ValueError, match=message):
         check_loss_route(preselect_config(**changes))
+
+
+@pytest.mark.parametrize("rule", ["soft_or", "q3", "divergence", "entropy"])
+def test_a_micro_batch_with_one_or_tied_eligible_tokens_still_selects(rule):
+    """The loss route selects per micro-batch among the eligible tokens (after the outcome split and the top-k
+    entropy gate): one eligible token, or a few with the same loss (a tiny bf16 model's top-k KL is exactly 0 where
+    both distributions round to uniform), is a legitimate micro-batch. A constant axis ranks no token; the budget
+    max(1, floor(ratio * eligible_i)) is still taken, ties to the earlier position."""
+    eligible = torch.tensor([[False, True, False, False], [True, True, True, False]])
+    for losses in (torch.zeros(2, 4), torch.full((2, 4), 0.25)):
+        entropy = torch.full((2, 4), 3.3)
+        selected = tip_loss_mask(rule, 0.5, eligible, losses, entropy, 0.98)
+        assert selected.tolist() == [[False, True, False, False], [True, False, False, False]]

@@ -52,7 +52,7 @@ def with_override(overrides, key, value):
     "rule, extra, message",
     [
         ("soft_or", BYPASS, "rule=soft_or reads the student's entropy.*Set algorithm.rollout_correction.bypass_mode=false"),
-        ("q3", BYPASS, "or a rule that does not read entropy: algorithm.tip.rule=divergence"),
+        ("q3", BYPASS, "or a rule that does not read entropy: algorithm.tip.rule=all or random or divergence"),
         (
             "divergence",
             ["distillation.enabled=true", "distillation.distillation_loss.loss_mode=forward_kl_topk"],

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from tip_verl.core.config import TipConfig
-from tip_verl.core.scores import check_finite, divergence_estimate, quadrant_labels
-from tip_verl.core.selection import SelectionInputs, select_tokens
+from tip_verl.core.scores import check_finite, check_scores_vary, divergence_estimate, quadrant_labels
+from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens
 from tip_verl.core.trust import TeacherTrust
 
 
@@ -122,6 +122,12 @@ def select_and_reward(
         divergence_quantile=config.divergence_quantile,
         generator=generator,
     )
+    # a whole step's batch that ranks no token (teacher = student, entropy never computed) is refused here; the
+    # rules themselves accept a constant axis, as the loss route's micro-batches can be
+    axes = (("divergence", divergence, "teacher-student divergence"), ("entropy", entropy, "student entropy"))
+    for axis, values, name in axes:
+        if values is not None and config.rule in rules_reading(axis):
+            check_scores_vary(values, response_mask, name, ", ".join(rules_reading(axis)))
     quadrant = None
     if entropy is not None:
         quadrant = quadrant_labels(

@@ -66,12 +66,15 @@ def reference_select(
 
 
 def _clipped_minmax(values: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
-    """numpy: clip at the batch quantile of the valid values (unless that is their minimum), min-max to [0, 1]."""
+    """numpy: clip at the batch quantile of the valid values (unless that is their minimum), min-max to [0, 1];
+    0 everywhere for a constant input."""
     array = values.double().numpy()
     valid = array[mask.numpy()]
     low, high = valid.min(), np.quantile(valid, quantile)
     if high <= low:
         high = valid.max()
+    if high <= low:  # a constant axis ranks no token: 0 everywhere
+        return torch.zeros(array.shape, dtype=torch.float64)
     return torch.from_numpy((np.minimum(array, high) - low) / (high - low))
 
 

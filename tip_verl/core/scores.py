@@ -147,8 +147,10 @@ def minmax_normalize(
 
     quantile 1.0 is plain min-max. The clip keeps a few extreme tokens from pressing every other token's
     normalised value towards 0 (k3 of a single token at log-ratio 12 is ~1.6e5); a quantile equal to the
-    minimum (most tokens tied there) clips nothing. 0 at padding. Raises on a constant input, where min-max
-    has no meaning.
+    minimum (most tokens tied there) clips nothing. 0 at padding. A constant input ranks no token above another:
+    it normalises to 0 everywhere, so a rule's other axis decides (the loss route selects per micro-batch, where
+    one eligible token, or a few tied ones, is a legitimate batch). `check_scores_vary` refuses a whole step's
+    batch that is constant.
     """
     mask = response_mask.bool()
     valid = _valid_values(values, mask, f"normalise {name} over")
@@ -158,13 +160,24 @@ def minmax_normalize(
         if upper > low:
             high = upper
     if high <= low:
-        raise ValueError(
-            f"Cannot min-max normalise {name}: all {valid.numel()} valid tokens have the same value "
-            f"{low.item():.6g}, so it ranks no token above another. This happens when teacher and student "
-            "are the same model (divergence 0) or entropy is constant; pick a rule that does not use this score "
-            "(algorithm.tip.rule=random, entropy or all) or check the inputs."
-        )
+        return torch.zeros_like(values, dtype=torch.float32)
     return torch.where(mask, values.float().clamp(max=high).sub_(low).div_(high - low), 0.0)
+
+
+def check_scores_vary(values: torch.Tensor, response_mask: torch.Tensor, name: str, rules: str) -> None:
+    """Raise if `values` (B, T) take one value at every valid token of a step's batch (of more than one token):
+    teacher and student are then the same model (divergence 0), or the entropy was never computed.
+
+    rules: the rules that would rank on it, named in the message.
+    """
+    valid = _valid_values(values, response_mask.bool(), f"rank {name} over")
+    low, high = torch.aminmax(valid)
+    if valid.numel() > 1 and high <= low:
+        raise ValueError(
+            f"Cannot rank tokens by {name}: all {valid.numel()} valid tokens of the batch have the same value "
+            f"{low.item():.6g}. This happens when teacher and student are the same model (divergence 0) or "
+            f"entropy is constant; pick a rule that does not use this score (not {rules}) or check the inputs."
+        )
 
 
 def soft_or_score(normalized_entropy_: torch.Tensor, normalized_divergence: torch.Tensor) -> torch.Tensor:
