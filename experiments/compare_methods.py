@@ -62,7 +62,12 @@ LOSS_METHODS = {  # issue: does Q3's small budget fail under reverse KL, and hol
     "q3 10%, JSD": {"tip": {"rule": "q3", "ratio": 0.1, "mix": "teacher_only"}, "loss": "jsd"},
     "OPD all tokens, forward KL": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}, "loss": "forward_kl"},
 }
-ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS, **LOSS_METHODS}
+HYBRID = {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}
+GATE_METHODS = {  # the teacher gated on the answer, for add3_scratch_flawed (answer_gates.py: experiment code)
+    f"soft_or 50% + GRPO (replace), answer gate {gate}": {"tip": HYBRID, "answer_gate": gate}
+    for gate in ("first", "answer", "confirmed", "evidence", "verified_answer")
+}
+ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS, **LOSS_METHODS, **GATE_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 # final accuracy by slice, for a task whose teacher (student) was taught a known mistake
@@ -91,12 +96,19 @@ def run_one(method: str, seed: int, steps: int, out: str, route: str, task_name:
     folder = run_dir(Path(out), method, seed, route, task_name)
     overrides = dict(ALL_METHODS[method])
     tip = {"seed": seed, **overrides.pop("tip", {})}
+    gate = overrides.pop("answer_gate", None)
     config = LoopConfig(task=task_name, seed=seed, steps=steps, eval_every=max(1, steps // 8), eval_size=512,
                         checkpoint_every=max(1, steps // 4), tip=tip, route=route, **overrides)
     task = get_task(config.task)
     teacher, _ = load_role(task, "teacher")
     student, _ = load_role(task, "student")
+    if gate:
+        from answer_gates import install
+
+        evidence = install(gate, task.tokenizer().encode(task.answer_separator)[0], teacher.lm_head.weight.detach())
     status = train(config, folder, teacher, student, resume=True)
+    if gate and evidence:  # of this process' steps only, on a resumed run
+        (folder / "answer_gate_evidence.json").write_text(json.dumps(evidence))
     if status == "completed":
         (folder / "done.json").write_text(json.dumps({"method": method, "seed": seed, "steps": steps}))
     return str(folder)
@@ -126,15 +138,52 @@ def fmt(values: list[float], pct: bool = True, digits: int = 1) -> str:
     """mean ± half-width of the 95% confidence interval of the mean (Student's t), in percent when `pct`."""
     scale = 100 if pct else 1
     mean = scale * statistics.mean(values)
-    half = scale * T_975[len(values)] * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    half = scale * t_975(len(values)) * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def report(out: Path, steps: int, seeds: list[int], route: str, task: str) -> str:
-    """Markdown table over methods (mean ± 95% interval over the finished seeds) and curves.png."""
-    folders = {method: [run_dir(out, method, s, route, task) for s in seeds] for method in ALL_METHODS}
-    summaries = {method: [summarize_run(folder, steps) for folder in runs if (folder / "done.json").exists()]
-                 for method, runs in folders.items()}
+def t_975(n: int) -> float:
+    """Student's t for a 95% interval of a mean over n values (n - 1 degrees of freedom; beyond the table, the
+    1.96 + 2.5 / df approximation, within 0.01 of the exact value)."""
+    return T_975.get(n, 1.96 + 2.5 / (n - 1))
+
+
+def seeds_to_resolve(differences: list[float]) -> str:
+    """How many seeds would put 0 outside the 95% interval of the mean paired difference, if the differences
+    kept their mean and spread: the smallest n with t(n) * sd / sqrt(n) < |mean|."""
+    mean, sd = statistics.mean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return "resolved" if mean != 0 else "never (no difference)"
+    for n in range(2, 1001):
+        if t_975(n) * sd / n**0.5 < abs(mean):
+            return "resolved" if n <= len(differences) else str(n)
+    return "> 1000"
+
+
+def paired_report(summaries: dict, baseline: str) -> str:
+    """Each method against `baseline` on the seeds both finished, difference by seed (the same seed draws the
+    same problems from the same start): mean ± 95% interval of the differences in AUC, final accuracy and final
+    accuracy by slice, and how many seeds would resolve the AUC difference."""
+    keys = ["auc", "acc@100%"] + [key for key in SLICES if any(key in r for r in summaries[baseline].values())]
+    names = ["AUC", "final"] + [f"final, {key.replace('_', ' ')}" for key in keys[2:]]
+    lines = ["| method | seeds | " + " | ".join(f"{name} − {baseline}" for name in names)
+             + " | seeds to resolve the AUC difference |", "|---|---|" + "---|" * (len(keys) + 1)]
+    for method, runs in summaries.items():
+        seeds = sorted(set(runs) & set(summaries[baseline]))
+        if method == baseline or len(seeds) < 2:
+            continue
+        diff = {key: [runs[s][key] - summaries[baseline][s][key] for s in seeds] for key in keys}
+        lines.append(f"| {method} | {len(seeds)} | " + " | ".join(fmt(diff[key]) for key in keys)
+                     + f" | {seeds_to_resolve(diff['auc'])} |")
+    return "\n".join(lines)
+
+
+def report(out: Path, steps: int, seeds: list[int], route: str, task: str, paired_against: str | None = None) -> str:
+    """Markdown table over methods (mean ± 95% interval over the finished seeds) and curves.png; with
+    `paired_against`, a second table of each method's differences from that one, seed by seed."""
+    by_seed = {method: {s: summarize_run(run_dir(out, method, s, route, task), steps) for s in seeds
+                        if (run_dir(out, method, s, route, task) / "done.json").exists()} for method in ALL_METHODS}
+    summaries = {method: list(runs.values()) for method, runs in by_seed.items()}
     slices = [key for key in SLICES if any(key in r for runs in summaries.values() for r in runs)]
     header = ("| method | seeds | acc @25% | acc @50% | final acc | " + "".join(
         f"final, {key.replace('_', ' ')} | " for key in slices) + "AUC | KL end | tokens in loss | "
@@ -154,6 +203,8 @@ def report(out: Path, steps: int, seeds: list[int], route: str, task: str) -> st
         )
         curves[method] = runs
     plot_curves(curves, table_dir(out, route, task) / "curves.png", route)
+    if paired_against:
+        lines += ["", paired_report(by_seed, paired_against)]
     return "\n".join(lines)
 
 
@@ -198,6 +249,9 @@ def main() -> None:
     parser.add_argument("--route", default="advantage", choices=["advantage", "loss"],
                         help="how the teacher signal reaches the student (LoopConfig.route)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--paired-against", choices=list(ALL_METHODS), metavar="METHOD",
+                        help="also report each method's difference from METHOD, seed by seed (AUC and final "
+                        "accuracy, with how many seeds would resolve the AUC difference)")
     args = parser.parse_args()
     if not args.report_only:
         jobs = [(m, s) for s in args.seeds for m in args.methods
@@ -208,7 +262,7 @@ def main() -> None:
                 print("finished", future.result(), flush=True)
     folder = table_dir(args.out, args.route, args.task)
     folder.mkdir(parents=True, exist_ok=True)
-    table = report(args.out, args.steps, args.seeds, args.route, args.task)
+    table = report(args.out, args.steps, args.seeds, args.route, args.task, args.paired_against)
     (folder / "results.md").write_text(table + "\n")
     print(table)
 
