@@ -63,11 +63,16 @@ LOSS_METHODS = {  # issue: does Q3's small budget fail under reverse KL, and hol
     "OPD all tokens, forward KL": {"tip": {"rule": "all", "ratio": 1.0, "mix": "teacher_only"}, "loss": "forward_kl"},
 }
 HYBRID = {"rule": "soft_or", "ratio": 0.5, "mix": "replace"}
-GATE_METHODS = {  # the teacher gated on the answer, for add3_scratch_flawed (answer_gates.py: experiment code)
-    f"soft_or 50% + GRPO (replace), answer gate {gate}": {"tip": HYBRID, "answer_gate": gate}
-    for gate in ("first", "answer", "confirmed", "evidence", "verified_answer")
+ANSWER_METHODS = {  # the checker over the teacher on the answer (algorithm.tip.answer_teacher), for add3_scratch_flawed
+    "soft_or 50% + GRPO (replace), answer gate confirmed": {
+        "tip": {**HYBRID, "answer_teacher": "confirm", "answer_marker": ";"}},
+    "soft_or 50% + GRPO (replace), answer gate evidence": {
+        "tip": {**HYBRID, "answer_teacher": "confirm_on_evidence", "answer_marker": ";"}},
+    # and gates the package does not offer (answer_gates.py: experiment code)
+    **{f"soft_or 50% + GRPO (replace), answer gate {gate}": {"tip": HYBRID, "answer_gate": gate}
+       for gate in ("first", "answer", "verified_answer")},
 }
-ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS, **LOSS_METHODS, **GATE_METHODS}
+ALL_METHODS = {**METHODS, **TRACE_METHODS, **TRUST_METHODS, **LOSS_METHODS, **ANSWER_METHODS}
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # Student's t, 95%
 BUDGETS = (0.25, 0.5, 1.0)
 # final accuracy by slice, for a task whose teacher (student) was taught a known mistake
@@ -105,10 +110,8 @@ def run_one(method: str, seed: int, steps: int, out: str, route: str, task_name:
     if gate:
         from answer_gates import install
 
-        evidence = install(gate, task.tokenizer().encode(task.answer_separator)[0], teacher.lm_head.weight.detach())
+        install(gate, task.tokenizer().encode(task.answer_separator)[0], teacher.lm_head.weight.detach())
     status = train(config, folder, teacher, student, resume=True)
-    if gate and evidence:  # of this process' steps only, on a resumed run
-        (folder / "answer_gate_evidence.json").write_text(json.dumps(evidence))
     if status == "completed":
         (folder / "done.json").write_text(json.dumps({"method": method, "seed": seed, "steps": steps}))
     return str(folder)

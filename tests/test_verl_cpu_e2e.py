@@ -7,7 +7,9 @@ replicas) and vLLM teacher on vLLM's CPU build, ``tip_opd`` + ``tip_sync``) and 
    agree at both steps (the rollout engine starts from random weights, ``load_format=dummy``: the weights it
    samples with at step 1 came from verl's first sync, those of step 2 from the sync after the first update),
    and the run removed the ``/dev/shm`` segments its vLLM processes left;
-2. resume from that checkpoint for a 3rd step;
+2. resume from that checkpoint for a 3rd step, with the answer gate (``algorithm.tip.answer_teacher=confirm``)
+   and the rollout dump on: the trainer finds the answers after the marker in the responses, and the teacher
+   keeps no answer token it would not write itself;
 3. twice with verl patched to compute logits only at the selected tokens (``SELECTED_ONLY_RUNS``).
 
 About 12-15 minutes on 2 (shared) cores; those tests are marked ``e2e`` (select or skip with ``-m e2e`` /
@@ -17,6 +19,7 @@ segments of its command's processes and no others; the upstream patch applies to
 """
 
 import importlib.metadata
+import json
 import math
 import os
 import subprocess
@@ -92,11 +95,30 @@ def test_run_removes_its_shared_memory_segments(synced_run):
 
 
 @pytest.mark.e2e
-def test_resume_from_checkpoint(synced_run, tiny_dir):
+def test_resume_from_checkpoint_with_the_answer_gate(synced_run, tiny_dir):
     out_dir, _ = synced_run
-    records = run_tiny(tiny_dir, out_dir, out_dir / "resumed.jsonl", "trainer.total_training_steps=3")
+    records = run_tiny(
+        tiny_dir,
+        out_dir,
+        out_dir / "resumed.jsonl",
+        "trainer.total_training_steps=3",
+        f"trainer.rollout_data_dir={out_dir / 'rollouts'}",
+        "+algorithm.tip.answer_teacher=confirm",
+        "+algorithm.tip.answer_marker='='",  # a word of the tiny vocabulary, sampled now and then
+    )
     assert [record["step"] for record in records] == [3], "must resume after step 2, not start over"
     assert (out_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    metrics = records[0]["data"]
+    assert metrics["tip/answer/gated"] == 1.0 and 0.0 <= metrics["tip/answer/found_fraction"] <= 1.0
+    rollouts = [json.loads(line) for line in (out_dir / "rollouts" / "3.jsonl").read_text().splitlines() if line]
+    assert metrics["tip/answer/found_fraction"] == pytest.approx(
+        sum(any(r["tip_answer"]) for r in rollouts) / len(rollouts))
+    for rollout in rollouts:
+        assert "=" in rollout["output"] or not rollout["tip_answer_tokens"], "an answer only after the marker"
+        for answer, selected, reward, old in zip(rollout["tip_answer"], rollout["tip_selected"],
+                                                 rollout["tip_teacher_reward"], rollout["tip_old_log_prob"]):
+            if answer and selected:  # kept for the teacher: an accepted rollout's token the teacher would write
+                assert rollout["score"] > 0 and reward + old >= math.log(0.5) - 1e-6
 
 
 SELECTED_PATCH = "verl-0.9.1-tip-selected-logprobs.patch"

@@ -10,7 +10,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
+from tip_verl.core.answer_gate import ANSWER_TEACHER_MODES
 from tip_verl.core.config import DIVERGENCE_NAMES, MIX_NAMES, TEACHER_TRUST_NAMES
 from tip_verl.core.selection import selection_rule_names
 
@@ -81,8 +83,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      help="checked: a prompt whose rollouts' checker outcomes contradict the teacher (it endorses a "
                      "wrong rollout, or prefers the wrong ones) gets GRPO alone (default: %(default)s)")
     tip.add_argument("--endorse-prob", type=float, default=defaults.tip.endorse_prob,
-                     help="checked trust: the teacher endorses a rollout whose every token has pT >= this "
-                     "(default: %(default)s)")
+                     help="checked trust: the teacher endorses a rollout whose every token has pT >= this; "
+                     "answer teacher: it confirms an answer token with pT >= this (default: %(default)s)")
+    tip.add_argument("--answer-teacher", default=defaults.tip.answer_teacher, choices=ANSWER_TEACHER_MODES,
+                     help="the checker over the teacher on the answer (the tokens after --answer-marker): confirm: "
+                     "there the teacher keeps only the tokens of accepted rollouts it would write itself, the rest "
+                     "get GRPO (needs --mix replace or add); confirm_on_evidence: the same, in the steps where an "
+                     "accepted answer holds a token the teacher would not write (default: %(default)s)")
+    tip.add_argument("--answer-marker", default=None,
+                     help="the text the answer follows (default: the task's answer separator, ';')")
     tip_loss = parser.add_argument_group("loss route outcome split and teacher schedule (verl's algorithm.tip_loss)")
     by_outcome = [NO_TEACHER_TERM, *divergence_names("logits")]
     tip_loss.add_argument("--correct-loss", default=None, choices=by_outcome,
@@ -102,6 +111,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--retrain-student", action="store_true", help="warm-start the student again (cached afterwards)")
 
 
+def answer_marker(args: argparse.Namespace) -> Optional[str]:
+    """--answer-marker, or the task's answer separator when --answer-teacher needs one."""
+    if args.answer_marker is not None or args.answer_teacher == "always":
+        return args.answer_marker
+    from tip_verl.local.tasks import get_task
+
+    return get_task(args.task).answer_separator
+
+
 def demo_config(args: argparse.Namespace):
     from tip_verl.core.config import TipConfig
     from tip_verl.core.distill_losses import TipLossConfig
@@ -113,7 +131,8 @@ def demo_config(args: argparse.Namespace):
     else:
         tip = TipConfig(rule=args.rule, ratio=args.ratio, mix=args.mix, divergence=args.divergence,
                         coef=args.coef, seed=args.seed, teacher_trust=args.teacher_trust,
-                        endorse_prob=args.endorse_prob)
+                        endorse_prob=args.endorse_prob, answer_teacher=args.answer_teacher,
+                        answer_marker=answer_marker(args))
         config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
                             prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
@@ -137,7 +156,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from tip_verl.local.report import method_name, summarize, write_plots
     from tip_verl.local.tasks import get_task
 
-    config = demo_config(args)
+    try:
+        config = demo_config(args)
+    except ValueError as error:  # a setting that cannot work: the message names it, no traceback needed
+        print(f"tip-verl demo: error: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(config.threads)
     task = get_task(config.task)
     started = time.time()

@@ -13,6 +13,7 @@ import torch
 from tip_verl.core.config import TipConfig
 from tip_verl.core.scores import check_finite, check_scores_vary, divergence_estimate, quadrant_labels
 from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens
+from tip_verl.core.answer_gate import AnswerGate, answer_gate
 from tip_verl.core.trust import TeacherTrust
 
 
@@ -25,6 +26,7 @@ class TipTokens:
     divergence: torch.Tensor  # the configured KL(pS || pT) estimate
     quadrant: Optional[torch.Tensor]  # int64 1..4 (0 at padding); None without entropy
     trust: Optional[TeacherTrust] = None  # per-rollout verdicts of teacher_trust=checked; None with always
+    answer: Optional[AnswerGate] = None  # what answer_teacher saw and did; None with always
 
 
 def teacher_reward(
@@ -144,3 +146,30 @@ def select_and_reward(
         divergence=divergence,
         quadrant=quadrant,
     )
+
+
+def gate_answer(
+    tokens: TipTokens,
+    config: TipConfig,
+    answer: Optional[torch.Tensor],
+    scores: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+) -> None:
+    """With `config.answer_teacher` other than always, hand the answer to the checker (tip_verl.core.answer_gate):
+    `tokens.selected` loses the answer tokens the teacher may not keep, and `tokens.answer` records the gate.
+
+    answer: (B, T) bool, the answer tokens (answer_span); scores: (B,) the rollouts' outcome scores;
+    teacher_logprobs: (B, T) log pT(y_t).
+    """
+    if config.answer_teacher == "always":
+        return
+    if answer is None:
+        raise ValueError(
+            f"algorithm.tip.answer_teacher={config.answer_teacher} needs each response's answer tokens (after "
+            "algorithm.tip.answer_marker), which no one bound: use trainer.v1.trainer_mode=tip_sync, whose trainer "
+            "finds them in the responses."
+        )
+    tokens.answer = answer_gate(
+        config.answer_teacher, answer, scores, teacher_logprobs, config.endorse_prob, config.correct_threshold
+    )
+    tokens.selected = tokens.answer.apply(tokens.selected)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from tip_verl.core.answer_gate import ANSWER_TEACHER_MODES
 from tip_verl.core.selection import selection_rule_names
 
 DIVERGENCE_NAMES = ("k1", "abs_k1", "k3")
@@ -39,12 +40,29 @@ class TipConfig:
     teacher_trust: str = "always"
     endorse_prob: float = 0.5
     correct_threshold: float = 0.0
+    answer_teacher: str = "always"
+    answer_marker: Optional[str] = None
 
     def __post_init__(self):
         _check_choice("rule", self.rule, selection_rule_names())  # live: rules registered later count
         _check_choice("divergence", self.divergence, DIVERGENCE_NAMES)
         _check_choice("mix", self.mix, MIX_NAMES)
         _check_choice("teacher_trust", self.teacher_trust, TEACHER_TRUST_NAMES)
+        _check_choice("answer_teacher", self.answer_teacher, ANSWER_TEACHER_MODES)
+        if self.answer_marker is not None and not (isinstance(self.answer_marker, str) and self.answer_marker):
+            raise ValueError(f"algorithm.tip.answer_marker={self.answer_marker!r}: must be null or a non-empty string.")
+        if self.answer_teacher != "always" and self.answer_marker is None:
+            raise ValueError(
+                f"algorithm.tip.answer_teacher={self.answer_teacher} gates the teacher on the answer, which starts "
+                "after algorithm.tip.answer_marker: set it to the text that introduces the final answer (e.g. "
+                "'####' or '\\boxed'), or answer_teacher=always."
+            )
+        if self.answer_teacher != "always" and self.mix == "teacher_only":
+            raise ValueError(
+                f"algorithm.tip.answer_teacher={self.answer_teacher} hands the answer tokens the teacher may not "
+                "refute to the outcome (GRPO) advantage, which mix=teacher_only drops: set algorithm.tip.mix=replace "
+                "or add."
+            )
         if isinstance(self.endorse_prob, bool) or not (
             isinstance(self.endorse_prob, (int, float)) and 0.0 < self.endorse_prob <= 1.0
         ):

@@ -30,6 +30,8 @@ def tip_metrics(tokens: TipTokens, response_mask: torch.Tensor) -> dict[str, flo
     }
     if tokens.trust is not None:
         metrics.update(tokens.trust.metrics())
+    if tokens.answer is not None:
+        metrics.update(tokens.answer.metrics())
     if tokens.quadrant is not None:
         for q in (1, 2, 3, 4):
             in_q = tokens.quadrant == q

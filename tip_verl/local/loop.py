@@ -35,7 +35,8 @@ from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 from verl.workers.config.actor import ActorConfig
 
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
-from tip_verl.core.advantages import TipTokens, select_and_reward
+from tip_verl.core.advantages import TipTokens, gate_answer, select_and_reward
+from tip_verl.core.answer_gate import answer_span
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import (
     NO_TEACHER_TERM,
@@ -177,13 +178,15 @@ def tip_opd_advantages(
     entropy: torch.Tensor,
     step: int,
     teacher_correct: Optional[torch.Tensor] = None,
+    answer: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, TipTokens]:
     """verl's `tip_opd` advantages (N, T) and what TIP selected. Inputs (N, T).
 
     step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
     teacher_correct: (N,) bool, the checker's verdict on the teacher's own answer (teacher_trust=verified).
+    answer: (N, T) bool, each response's answer tokens (answer_teacher other than always).
     """
-    with tip_step(TipStep(step_index=step - 1, teacher_correct=teacher_correct)) as bound:
+    with tip_step(TipStep(step_index=step - 1, teacher_correct=teacher_correct, answer=answer)) as bound:
         advantages, _ = get_adv_estimator_fn("tip_opd")(
             token_level_rewards=rewards,
             response_mask=response_mask,
@@ -268,6 +271,7 @@ class StepBatch:
     teacher_hidden: torch.Tensor  # (N, T, H_teacher)
     teacher_logp: torch.Tensor  # (N, T) the teacher's log-probs of the sampled tokens
     teacher_correct: Optional[torch.Tensor]  # (N,) bool, the checker on the teacher's own answer (verified trust)
+    answer: Optional[torch.Tensor]  # (N, T) bool, each response's tokens after tip.answer_marker (answer_teacher)
     hidden: torch.Tensor  # (N, T, H) the student's, with grad
     old_log_prob: torch.Tensor  # (N, T) the student's log-probs of the sampled tokens, detached
     entropy: torch.Tensor  # (N, T) the student's entropy
@@ -294,6 +298,14 @@ def teacher_verdicts(config: LoopConfig, teacher: torch.nn.Module, task: Task, p
     return answers.repeat_interleave(config.group_size)
 
 
+def answer_tokens(config: LoopConfig, task: Task, rollout: Rollout) -> Optional[torch.Tensor]:
+    """With tip.answer_teacher other than always, each response's tokens after tip.answer_marker, bool (N, T)."""
+    if config.tip.answer_teacher == "always":
+        return None
+    marker_ids = task.tokenizer().encode(config.tip.answer_marker)
+    return answer_span(rollout.responses, rollout.response_mask, marker_ids)
+
+
 def advantages_and_tokens(config: LoopConfig, batch: StepBatch, step: int) -> tuple[torch.Tensor, Optional[TipTokens]]:
     """The advantages (N, T) verl's policy loss reads, and what TIP selected (None with grpo)."""
     mask = batch.mask
@@ -302,9 +314,10 @@ def advantages_and_tokens(config: LoopConfig, batch: StepBatch, step: int) -> tu
     if config.route == "advantage":
         return tip_opd_advantages(
             config, batch.rewards, mask, batch.uids, batch.old_log_prob, batch.teacher_logp, batch.entropy, step,
-            batch.teacher_correct,
+            batch.teacher_correct, batch.answer,
         )
     tokens = loss_route_tokens(config, mask, batch.old_log_prob, batch.teacher_logp, batch.entropy, batch.exact_kl, step)
+    gate_answer(tokens, config.tip, batch.answer, batch.scores, batch.teacher_logp)
     if config.tip.teacher_trust != "always":
         tokens.trust = teacher_trust(
             batch.scores, batch.uids, batch.teacher_logp, mask, config.tip.endorse_prob, config.tip.correct_threshold,
@@ -408,6 +421,7 @@ def train_step(
         teacher_hidden = response_hidden(teacher, rollout)
         teacher_logp, _ = head_logprobs_and_entropy(teacher, teacher_hidden, rollout, temperature)
         teacher_correct = teacher_verdicts(config, teacher, task, problems)
+    answer = answer_tokens(config, task, rollout)
 
     with saved_activations(student) as memory:
         with timer("student_forward"):
@@ -418,7 +432,7 @@ def train_step(
                 hidden.detach(), student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, mask.bool(),
                 chunk_size=config.logits_chunk_size, temperature=temperature,
             )
-        batch = StepBatch(rollout, scores, rewards, uids, teacher_hidden, teacher_logp, teacher_correct, hidden,
+        batch = StepBatch(rollout, scores, rewards, uids, teacher_hidden, teacher_logp, teacher_correct, answer, hidden,
                           old_log_prob, entropy, exact_kl)
         with timer("advantage"):
             advantages, tokens = advantages_and_tokens(config, batch, step)
@@ -451,6 +465,8 @@ def train_step(
     if tokens is not None:
         metrics.update(tip_metrics(tokens, mask))
         per_token.update(selected=tokens.selected, divergence=tokens.divergence, quadrant=tokens.quadrant)
+        if tokens.answer is not None:
+            per_token.update(answer=tokens.answer.answer)
     return metrics, per_token
 
 

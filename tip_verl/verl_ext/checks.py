@@ -4,7 +4,7 @@ when the `tip_sync` trainer starts (`check_startup`), each error naming the key 
 - `algorithm.tip` / `algorithm.tip_loss` and the loss route's verl settings: `losses.check_loss_route` (the loss
   functions re-read the same settings at each update);
 - the trainer's own selection (tip_opd, preselect): `check_trainer_selection`;
-- `algorithm.tip.teacher_trust`: `check_teacher_trust`;
+- `algorithm.tip.teacher_trust` and `answer_teacher`: `check_teacher_trust`, `check_answer_teacher`;
 - what verl's engines cannot run on the loss route: `check_loss_route_engine`, below;
 - CPU mode (`TIP_VERL_CPU=1`): `tip_verl.cpu.checks`, before the others.
 
@@ -122,6 +122,24 @@ def check_teacher_trust(config: Any) -> None:
         )
 
 
+def check_answer_teacher(config: Any) -> None:
+    """Refuse `algorithm.tip.answer_teacher` other than always where it would not act: it hands answer tokens to
+    the outcome advantage inside the tip_opd estimator (the trainer finds the answers), so it needs
+    algorithm.adv_estimator=tip_opd, without preselect."""
+    algorithm = config["algorithm"]
+    tip = TipConfig.from_any(algorithm.get("tip"))
+    if tip.answer_teacher == "always":
+        return
+    if algorithm.get("adv_estimator") != TIP_OPD or tip.preselect:
+        raise ValueError(
+            f"algorithm.tip.answer_teacher={tip.answer_teacher} gates the teacher on the answer inside the tip_opd "
+            f"estimator, but algorithm.adv_estimator={algorithm.get('adv_estimator')}"
+            f"{' with algorithm.tip.preselect=true' if tip.preselect else ''}: set algorithm.adv_estimator=tip_opd "
+            "(the advantage route) and algorithm.tip.preselect=false, or answer_teacher=always. On verl's loss route "
+            "(loss_mode=tip_*) it is not available yet; the local demo loop runs it on both routes."
+        )
+
+
 def updates_selected_only(config: Any) -> bool:
     """Whether the actor update reads only the selected tokens: tip_opd with mix=teacher_only, or preselect."""
     tip = TipConfig.from_any(config.algorithm)
@@ -137,6 +155,7 @@ def check_startup(config: Any) -> Optional[str]:
         check_cpu_mode_config(config)
     tip, _ = check_loss_route(config)
     check_teacher_trust(config)
+    check_answer_teacher(config)
     check_trainer_selection(config)
     loss_mode = config_value(config, "distillation.distillation_loss.loss_mode", "")
     if config_value(config, "distillation.enabled") and loss_mode.startswith(TIP_PREFIX):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, register_adv_est
 
-from tip_verl.core.advantages import mix_advantages, select_and_reward
+from tip_verl.core.advantages import gate_answer, mix_advantages, select_and_reward
 from tip_verl.core.config import TipConfig, config_value
 from tip_verl.core.trust import teacher_trust
 from tip_verl.verl_ext.rng import selection_generator
@@ -34,7 +34,9 @@ def compute_tip_opd_advantage(
     On the tokens TIP selects, the student gets coef * r_t with r_t = log pT(y_t) - log pS_old(y_t)
     (the per-token reverse-KL teacher signal); elsewhere it keeps verl's GRPO outcome advantage
     (`mix`: replace, add or teacher_only; see TipConfig). With `teacher_trust=checked` a group whose checker
-    outcomes contradict the teacher keeps the GRPO advantage on every token (tip_verl.core.trust).
+    outcomes contradict the teacher keeps the GRPO advantage on every token (tip_verl.core.trust). With
+    `answer_teacher` other than always, the answer tokens the teacher may not refute keep it too
+    (tip_verl.core.answer_gate; the trainer binds the answer tokens).
 
     Args:
         token_level_rewards: (bs, response_length) outcome rewards; their row sum is the rollout's score.
@@ -48,7 +50,8 @@ def compute_tip_opd_advantage(
         epsilon: added to the GRPO group std.
         reward_baselines: accepted for verl's call signature; unused.
 
-    The three per-token inputs may instead be bound by the `tip_sync` trainer (see step_context).
+    The three per-token inputs may instead be bound by the `tip_sync` trainer (see step_context), which also
+    binds the answer tokens.
 
     Returns:
         advantages: (bs, response_length); returns: (bs, response_length), equal to advantages.
@@ -67,6 +70,8 @@ def compute_tip_opd_advantage(
         entropy=entropy,
         generator=selection_generator(tip_config.seed, step.step_index if step is not None else None),
     )
+    gate_answer(tokens, tip_config, step.answer if step is not None else None, token_level_rewards.sum(dim=-1),
+                teacher_logprobs)
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,
         response_mask=response_mask,

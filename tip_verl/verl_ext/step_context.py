@@ -24,6 +24,8 @@ class TipStep:
     step_index: verl's 0-based training step, which seeds the random rules (see rng.selection_generator).
     teacher_correct: (batch,) bool, whether the checker accepts the teacher's own answer to each rollout's
         prompt, for teacher_trust=verified (the demo loop binds it; verl's trainer has no teacher answers).
+    answer: (batch, response_length) bool, each response's tokens after algorithm.tip.answer_marker, for
+        answer_teacher other than always (core.answer_gate.answer_span).
     """
 
     step_index: Optional[int] = None
@@ -31,6 +33,7 @@ class TipStep:
     teacher_logprobs: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     teacher_correct: Optional[torch.Tensor] = None
+    answer: Optional[torch.Tensor] = None
     tokens: Optional[TipTokens] = None
 
 

@@ -38,6 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.core.advantages import select_and_reward
+from tip_verl.core.answer_gate import answer_span
 from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import rollout_columns, tip_metrics
 from tip_verl.verl_ext.checks import bypass_mode, check_startup, updates_selected_only
@@ -73,9 +74,27 @@ def padded_bool(mask: torch.Tensor) -> torch.Tensor:
 
 def tip_input_fields(config) -> list[str]:
     """The TransferQueue fields the trainer's selection reads. `entropy`, for the rules that read it and the
-    quadrant metrics, whenever verl computed it (not under bypass mode, where those rules are refused)."""
+    quadrant metrics, whenever verl computed it (not under bypass mode, where those rules are refused);
+    `responses`, where algorithm.tip.answer_teacher looks for the answers."""
     fields = ["response_mask", "old_log_probs", "teacher_logprobs"]
-    return fields if bypass_mode(config) else fields + ["entropy"]
+    if not bypass_mode(config):
+        fields.append("entropy")
+    if TipConfig.from_any(config.algorithm).answer_teacher != "always":
+        fields.append("responses")
+    return fields
+
+
+def answer_marker_ids(tokenizer, marker: Optional[str]) -> Optional[list[int]]:
+    """algorithm.tip.answer_marker as the token ids the answers are found after, or None without a marker.
+
+    The marker is matched as these ids, the tokenizer's encoding of the marker alone: one that tokenizes
+    otherwise inside a response is not found there (`tip/answer/found_fraction` shows how often it is)."""
+    if marker is None:
+        return None
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"algorithm.tip.answer_marker={marker!r} tokenizes to no token: set another marker.")
+    return list(ids)
 
 
 def student_input_fields(config) -> list[str]:
@@ -153,10 +172,14 @@ class TipSyncTrainer(PPOTrainerSync):
             return batch
         fields = tip_input_fields(self.config)
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        step = TipStep(step_index=self.global_steps - 1, **padded_tip_inputs(data))
+        response_mask = padded_bool(data["response_mask"])
+        answer = None
+        if tip.answer_teacher != "always":
+            marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
+            answer = answer_span(data["responses"].to_padded_tensor(0), response_mask, marker_ids)
+        step = TipStep(step_index=self.global_steps - 1, answer=answer, **padded_tip_inputs(data))
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
-        response_mask = padded_bool(data["response_mask"])
         if not estimator_selects:  # preselect: verl's own estimator and loss, TIP's choice of tokens
             step.tokens = select_and_reward(
                 tip,
@@ -172,6 +195,7 @@ class TipSyncTrainer(PPOTrainerSync):
             columns = rollout_columns(
                 response_mask,
                 selected=step.tokens.selected,
+                answer=step.answer,
                 teacher_reward=step.tokens.teacher_reward,
                 divergence=step.tokens.divergence,
                 old_log_prob=step.old_log_probs,

@@ -1,0 +1,124 @@
+"""The graded answer, where the checker has the last word: the teacher may confirm it, never refute it.
+
+TIP hands the teacher the tokens where student and teacher disagree most. When the teacher is wrong at a
+decision (a habit, not a slip: e.g. it drops a final carry), that decision is exactly where they disagree, and
+the teacher's pressure there on the problems it gets right teaches the student the habit on the ones it gets
+wrong: a gate per prompt does not stop it (experiments/results.md). The checker grades the answer, so on the
+answer, the tokens after the first `answer_marker` of a response, its verdict is the better signal:
+
+  confirm              on the answer the teacher keeps only the tokens of rollouts the checker accepts that it
+                       would write itself (pT(y_t) >= endorse_prob): it may confirm an accepted answer. Every
+                       other answer token gets the outcome (GRPO) advantage, however TIP ranked it.
+  confirm_on_evidence  as confirm, in the steps whose batch holds evidence against the teacher on the answer:
+                       an answer token of an accepted rollout that the teacher would not write (it refutes what
+                       the checker accepts). Elsewhere TIP is unchanged, so a teacher that is right on the
+                       answers keeps correcting them.
+  always               TIP unchanged.
+
+The reasoning before the marker is distilled as TIP selects, in every mode.
+
+Shapes: B rollouts, T response positions. No verl import here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+ANSWER_TEACHER_MODES = ("always", "confirm", "confirm_on_evidence")
+
+
+def answer_span(responses: torch.Tensor, response_mask: torch.Tensor, marker_ids: Sequence[int]) -> torch.Tensor:
+    """The answer of each response: its valid positions strictly after the first occurrence of the token
+    sequence `marker_ids`; none in a response without it.
+
+    Args:
+        responses: (B, T) token ids.
+        response_mask: (B, T) 1 on valid response tokens.
+        marker_ids: the marker's token ids, at least one.
+    Returns:
+        (B, T) bool.
+    """
+    if len(marker_ids) == 0:
+        raise ValueError("algorithm.tip.answer_marker tokenizes to no token: set a non-empty marker, e.g. '####'.")
+    if responses.dim() != 2 or responses.shape != response_mask.shape:
+        raise ValueError(
+            f"responses {tuple(responses.shape)} and response_mask {tuple(response_mask.shape)} must both be "
+            "(batch, response_length)."
+        )
+    width = len(marker_ids)
+    valid = response_mask.bool()
+    ends = torch.zeros_like(valid)  # the marker's last token is here
+    if responses.shape[1] >= width:
+        windows = responses.unfold(1, width, 1)  # (B, T - width + 1, width)
+        marker = torch.as_tensor(list(marker_ids), dtype=responses.dtype, device=responses.device)
+        found = (windows == marker).all(dim=-1) & valid[:, width - 1 :]
+        ends[:, width - 1 :] = found
+    seen = ends.long().cumsum(dim=1) - ends.long()  # markers ending strictly before this position
+    return (seen > 0) & valid
+
+
+@dataclass
+class AnswerGate:
+    """What the gate saw and did in one step; tensors (B, T) bool."""
+
+    mode: str
+    answer: torch.Tensor  # the answer tokens (answer_span)
+    confirmed: torch.Tensor  # answer tokens of accepted rollouts that the teacher would write
+    refuted: torch.Tensor  # answer tokens of accepted rollouts that the teacher would not write: the evidence
+    active: bool  # whether the gate acts this step
+
+    def apply(self, selected: torch.Tensor) -> torch.Tensor:
+        """TIP's selection (B, T) bool with the answer handed to the checker: only the confirmed answer tokens
+        keep the teacher; the selection unchanged when the gate is not active."""
+        if not self.active:
+            return selected
+        return (selected.bool() & ~self.answer) | self.confirmed
+
+    def metrics(self) -> dict[str, float]:
+        """`tip/answer/...`: whether the gate acted, the share of rollouts with an answer (the marker found), and
+        the shares of answer tokens confirmed and refuted by the teacher on accepted rollouts."""
+        n_answer = max(1, int(self.answer.sum()))
+        return {
+            "tip/answer/gated": float(self.active),
+            "tip/answer/found_fraction": float(self.answer.any(dim=-1).float().mean()) if self.answer.numel() else 0.0,
+            "tip/answer/confirmed_fraction": int(self.confirmed.sum()) / n_answer,
+            "tip/answer/refuted_fraction": int(self.refuted.sum()) / n_answer,
+        }
+
+
+def answer_gate(
+    mode: str,
+    answer: torch.Tensor,
+    scores: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    endorse_prob: float,
+    correct_threshold: float = 0.0,
+) -> AnswerGate:
+    """Judge the teacher on the answer with the checker's verdicts (see the module docstring).
+
+    Args:
+        mode: one of ANSWER_TEACHER_MODES.
+        answer: (B, T) bool, the answer tokens (answer_span).
+        scores: (B,) each rollout's outcome score; accepted means score > correct_threshold.
+        teacher_logprobs: (B, T) log pT(y_t) of the sampled tokens.
+        endorse_prob: in (0, 1]: the teacher would write y_t itself when pT(y_t) >= this.
+    Returns:
+        AnswerGate; its `apply` gives the gated selection.
+    """
+    if mode not in ANSWER_TEACHER_MODES:
+        raise ValueError(f"algorithm.tip.answer_teacher={mode!r} is not known; set one of {list(ANSWER_TEACHER_MODES)}.")
+    if scores.dim() != 1 or scores.shape[0] != answer.shape[0] or teacher_logprobs.shape != answer.shape:
+        raise ValueError(
+            f"scores {tuple(scores.shape)} must be (batch,) and teacher_logprobs {tuple(teacher_logprobs.shape)} "
+            f"(batch, response_length) like the answer mask {tuple(answer.shape)}."
+        )
+    answer = answer.bool()
+    accepted = (scores.float() > correct_threshold).to(answer.device)[:, None] & answer
+    writes = teacher_logprobs.float() >= math.log(endorse_prob)
+    confirmed, refuted = accepted & writes, accepted & ~writes
+    active = mode == "confirm" or (mode == "confirm_on_evidence" and bool(refuted.any()))
+    return AnswerGate(mode=mode, answer=answer, confirmed=confirmed, refuted=refuted, active=active)
