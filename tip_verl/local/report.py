@@ -13,7 +13,11 @@ def method_name(config: LoopConfig) -> str:
         return "GRPO"
     tip = config.tip
     route = "tip_opd" if config.route == "advantage" else f"{config.loss} loss"
-    return f"{route} rule={tip.rule} ratio={tip.ratio:g} mix={tip.mix}"
+    name = f"{route} rule={tip.rule} ratio={tip.ratio:g} mix={tip.mix}"
+    extras = [f"teacher_trust={tip.teacher_trust}"] if tip.teacher_trust != "always" else []
+    if tip.answer_teacher != "always":
+        extras.append(f"answer_teacher={tip.answer_teacher} after {tip.answer_marker!r}")
+    return " ".join([name, *extras])
 
 
 def divergence_label(config: LoopConfig) -> str:
