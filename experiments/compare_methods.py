@@ -68,6 +68,8 @@ ANSWER_METHODS = {  # the checker over the teacher on the answer (algorithm.tip.
         "tip": {**HYBRID, "answer_teacher": "confirm", "answer_marker": ";"}},
     "soft_or 50% + GRPO (replace), answer gate evidence": {
         "tip": {**HYBRID, "answer_teacher": "confirm_on_evidence", "answer_marker": ";"}},
+    "soft_or 50% + GRPO (replace), answer gate record": {
+        "tip": {**HYBRID, "answer_teacher": "confirm_on_record", "answer_marker": ";"}},
     # and gates the package does not offer (answer_gates.py: experiment code)
     **{f"soft_or 50% + GRPO (replace), answer gate {gate}": {"tip": HYBRID, "answer_gate": gate}
        for gate in ("first", "answer", "verified_answer")},

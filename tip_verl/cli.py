@@ -89,7 +89,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the checker over the teacher on the answer (the tokens after --answer-marker): confirm: "
                      "there the teacher keeps only the tokens of accepted rollouts it would write itself, the rest "
                      "get GRPO (needs --mix replace or add); confirm_on_evidence: the same, in the steps where an "
-                     "accepted answer holds a token the teacher would not write (default: %(default)s)")
+                     "accepted answer holds a token the teacher would not write; confirm_on_record: the same, while "
+                     "the teacher refutes more than --answer-tolerance of the answers accepted so far in the run "
+                     "(default: %(default)s)")
+    tip.add_argument("--answer-tolerance", type=float, default=defaults.tip.answer_tolerance,
+                     help="confirm_on_record: the share of accepted answers the teacher may refute and keep the "
+                     "answer (default: %(default)s)")
     tip.add_argument("--answer-marker", default=None,
                      help="the text the answer follows (default: the task's answer separator, ';')")
     tip_loss = parser.add_argument_group("loss route outcome split and teacher schedule (verl's algorithm.tip_loss)")
@@ -132,7 +137,7 @@ def demo_config(args: argparse.Namespace):
         tip = TipConfig(rule=args.rule, ratio=args.ratio, mix=args.mix, divergence=args.divergence,
                         coef=args.coef, seed=args.seed, teacher_trust=args.teacher_trust,
                         endorse_prob=args.endorse_prob, answer_teacher=args.answer_teacher,
-                        answer_marker=answer_marker(args))
+                        answer_marker=answer_marker(args), answer_tolerance=args.answer_tolerance)
         config = LoopConfig(task=args.task, adv_estimator=args.adv_estimator, tip=tip, seed=args.seed, lr=args.lr,
                             prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,

@@ -13,7 +13,7 @@ import torch
 from tip_verl.core.config import TipConfig
 from tip_verl.core.scores import check_finite, check_scores_vary, divergence_estimate, quadrant_labels
 from tip_verl.core.selection import SelectionInputs, rules_reading, select_tokens
-from tip_verl.core.answer_gate import AnswerGate, answer_gate
+from tip_verl.core.answer_gate import AnswerGate, AnswerRecord, answer_gate
 from tip_verl.core.trust import TeacherTrust
 
 
@@ -154,12 +154,13 @@ def gate_answer(
     answer: Optional[torch.Tensor],
     scores: torch.Tensor,
     teacher_logprobs: torch.Tensor,
+    record: Optional[AnswerRecord] = None,
 ) -> None:
     """With `config.answer_teacher` other than always, hand the answer to the checker (tip_verl.core.answer_gate):
     `tokens.selected` loses the answer tokens the teacher may not keep, and `tokens.answer` records the gate.
 
     answer: (B, T) bool, the answer tokens (answer_span); scores: (B,) the rollouts' outcome scores;
-    teacher_logprobs: (B, T) log pT(y_t).
+    teacher_logprobs: (B, T) log pT(y_t); record: the run's AnswerRecord (confirm_on_record).
     """
     if config.answer_teacher == "always":
         return
@@ -170,6 +171,7 @@ def gate_answer(
             "finds them in the responses."
         )
     tokens.answer = answer_gate(
-        config.answer_teacher, answer, scores, teacher_logprobs, config.endorse_prob, config.correct_threshold
+        config.answer_teacher, answer, scores, teacher_logprobs, config.endorse_prob, config.correct_threshold,
+        record=record, tolerance=config.answer_tolerance,
     )
     tokens.selected = tokens.answer.apply(tokens.selected)

@@ -13,6 +13,11 @@ answer, the tokens after the first `answer_marker` of a response, its verdict is
                        an answer token of an accepted rollout that the teacher would not write (it refutes what
                        the checker accepts). Elsewhere TIP is unchanged, so a teacher that is right on the
                        answers keeps correcting them.
+  confirm_on_record    as confirm, while the teacher's record over the run says it refutes more than
+                       `answer_tolerance` of the accepted answers it was shown (AnswerRecord). The teacher is
+                       frozen, so this share estimates a fixed habit of it, where the per-step evidence of
+                       confirm_on_evidence vanishes once the student has taken the habit up; until the
+                       checker has accepted an answer, the gate acts.
   always               TIP unchanged.
 
 The reasoning before the marker is distilled as TIP selects, in every mode.
@@ -24,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-ANSWER_TEACHER_MODES = ("always", "confirm", "confirm_on_evidence")
+ANSWER_TEACHER_MODES = ("always", "confirm", "confirm_on_evidence", "confirm_on_record")
 
 
 def answer_span(responses: torch.Tensor, response_mask: torch.Tensor, marker_ids: Sequence[int]) -> torch.Tensor:
@@ -62,6 +67,31 @@ def answer_span(responses: torch.Tensor, response_mask: torch.Tensor, marker_ids
 
 
 @dataclass
+class AnswerRecord:
+    """The teacher's record on the answers the checker accepted so far in a run (confirm_on_record): how many
+    accepted answers it was shown, and how many of them it refutes (it would not write some token of them).
+    Counted whether or not the gate acted; saved with the run's checkpoint."""
+
+    accepted: int = 0
+    refuted: int = 0
+
+    def add(self, confirmed: torch.Tensor, refuted: torch.Tensor) -> None:
+        """Count one step's accepted answers: confirmed, refuted (B, T) bool as in AnswerGate."""
+        self.accepted += int((confirmed | refuted).any(dim=-1).sum())
+        self.refuted += int(refuted.any(dim=-1).sum())
+
+    def refuted_share(self) -> float:
+        """The share of accepted answers the teacher refutes; 1.0 before any answer was accepted (unproven)."""
+        return self.refuted / self.accepted if self.accepted else 1.0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "refuted": self.refuted}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.accepted, self.refuted = int(state["accepted"]), int(state["refuted"])
+
+
+@dataclass
 class AnswerGate:
     """What the gate saw and did in one step; tensors (B, T) bool."""
 
@@ -70,6 +100,7 @@ class AnswerGate:
     confirmed: torch.Tensor  # answer tokens of accepted rollouts that the teacher would write
     refuted: torch.Tensor  # answer tokens of accepted rollouts that the teacher would not write: the evidence
     active: bool  # whether the gate acts this step
+    record: Optional[AnswerRecord] = None  # the run's record, with confirm_on_record
 
     def apply(self, selected: torch.Tensor) -> torch.Tensor:
         """TIP's selection (B, T) bool with the answer handed to the checker: only the confirmed answer tokens
@@ -82,7 +113,9 @@ class AnswerGate:
         """`tip/answer/...`: whether the gate acted, the share of rollouts with an answer (the marker found), and
         the shares of answer tokens confirmed and refuted by the teacher on accepted rollouts."""
         n_answer = max(1, int(self.answer.sum()))
+        record = {} if self.record is None else {"tip/answer/record_refuted_share": self.record.refuted_share()}
         return {
+            **record,
             "tip/answer/gated": float(self.active),
             "tip/answer/found_fraction": float(self.answer.any(dim=-1).float().mean()) if self.answer.numel() else 0.0,
             "tip/answer/confirmed_fraction": int(self.confirmed.sum()) / n_answer,
@@ -97,6 +130,8 @@ def answer_gate(
     teacher_logprobs: torch.Tensor,
     endorse_prob: float,
     correct_threshold: float = 0.0,
+    record: Optional[AnswerRecord] = None,
+    tolerance: float = 0.1,
 ) -> AnswerGate:
     """Judge the teacher on the answer with the checker's verdicts (see the module docstring).
 
@@ -106,6 +141,8 @@ def answer_gate(
         scores: (B,) each rollout's outcome score; accepted means score > correct_threshold.
         teacher_logprobs: (B, T) log pT(y_t) of the sampled tokens.
         endorse_prob: in (0, 1]: the teacher would write y_t itself when pT(y_t) >= this.
+        record: the run's AnswerRecord, which this step's accepted answers are added to (confirm_on_record).
+        tolerance: in [0, 1): confirm_on_record acts while the record's refuted share is above it.
     Returns:
         AnswerGate; its `apply` gives the gated selection.
     """
@@ -120,5 +157,15 @@ def answer_gate(
     accepted = (scores.float() > correct_threshold).to(answer.device)[:, None] & answer
     writes = teacher_logprobs.float() >= math.log(endorse_prob)
     confirmed, refuted = accepted & writes, accepted & ~writes
-    active = mode == "confirm" or (mode == "confirm_on_evidence" and bool(refuted.any()))
-    return AnswerGate(mode=mode, answer=answer, confirmed=confirmed, refuted=refuted, active=active)
+    if mode == "confirm_on_record":
+        if record is None:
+            raise ValueError(
+                "algorithm.tip.answer_teacher=confirm_on_record keeps the teacher's record over the run, which no "
+                "one holds here: use trainer.v1.trainer_mode=tip_sync (its trainer holds it) or the demo loop."
+            )
+        record.add(confirmed, refuted)
+        active = record.refuted_share() > tolerance
+    else:
+        record = None
+        active = mode == "confirm" or (mode == "confirm_on_evidence" and bool(refuted.any()))
+    return AnswerGate(mode=mode, answer=answer, confirmed=confirmed, refuted=refuted, active=active, record=record)

@@ -42,6 +42,7 @@ class TipConfig:
     correct_threshold: float = 0.0
     answer_teacher: str = "always"
     answer_marker: Optional[str] = None
+    answer_tolerance: float = 0.1
 
     def __post_init__(self):
         _check_choice("rule", self.rule, selection_rule_names())  # live: rules registered later count
@@ -67,6 +68,13 @@ class TipConfig:
             isinstance(self.endorse_prob, (int, float)) and 0.0 < self.endorse_prob <= 1.0
         ):
             raise ValueError(f"algorithm.tip.endorse_prob={self.endorse_prob!r}: must be in (0, 1], e.g. 0.5.")
+        if isinstance(self.answer_tolerance, bool) or not (
+            isinstance(self.answer_tolerance, (int, float)) and 0.0 <= self.answer_tolerance < 1.0
+        ):
+            raise ValueError(
+                f"algorithm.tip.answer_tolerance={self.answer_tolerance!r}: must be in [0, 1), the share of accepted "
+                "answers the teacher may refute before answer_teacher=confirm_on_record gates it, e.g. 0.1."
+            )
         if isinstance(self.correct_threshold, bool) or not (
             isinstance(self.correct_threshold, (int, float)) and math.isfinite(self.correct_threshold)
         ):

@@ -12,15 +12,22 @@ import os
 import random
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from tip_verl.core.answer_gate import AnswerRecord
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-def save_checkpoint(out: Path, step: int, student, optimizer, problem_rng: random.Random, config: dict) -> None:
-    """Write out/checkpoint.pt through a temporary file, so a kill mid-write leaves the previous one intact."""
+def save_checkpoint(
+    out: Path, step: int, student, optimizer, problem_rng: random.Random, config: dict,
+    answer_record: Optional[AnswerRecord] = None,
+) -> None:
+    """Write out/checkpoint.pt through a temporary file, so a kill mid-write leaves the previous one intact.
+    `answer_record`: the teacher's record on accepted answers (answer_teacher=confirm_on_record)."""
     state = {
         "step": step,
         "student": student.state_dict(),
@@ -28,19 +35,25 @@ def save_checkpoint(out: Path, step: int, student, optimizer, problem_rng: rando
         "torch_rng": torch.get_rng_state(),
         "problem_rng": problem_rng.getstate(),
         "config": config,
+        "answer_record": (answer_record or AnswerRecord()).state_dict(),
     }
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / CHECKPOINT)
 
 
-def load_checkpoint(out: Path, student, optimizer, problem_rng: random.Random) -> int:
-    """Restore the state saved in `out` and drop metric lines written after it; returns its step."""
+def load_checkpoint(
+    out: Path, student, optimizer, problem_rng: random.Random, answer_record: Optional[AnswerRecord] = None
+) -> int:
+    """Restore the state saved in `out` (into `answer_record` too, when given) and drop metric lines written after
+    it; returns its step."""
     state = torch.load(out / CHECKPOINT, weights_only=False)
     student.load_state_dict(state["student"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     problem_rng.setstate(state["problem_rng"])
+    if answer_record is not None and "answer_record" in state:
+        answer_record.load_state_dict(state["answer_record"])
     truncate_metrics(out / METRICS, state["step"])
     return state["step"]
 

@@ -36,7 +36,7 @@ from verl.workers.config.actor import ActorConfig
 
 import tip_verl.verl_ext.estimator  # noqa: F401  (registers tip_opd even when verl's plugin loading is off)
 from tip_verl.core.advantages import TipTokens, gate_answer, select_and_reward
-from tip_verl.core.answer_gate import answer_span
+from tip_verl.core.answer_gate import AnswerRecord, answer_span
 from tip_verl.core.config import TipConfig
 from tip_verl.core.distill_losses import (
     NO_TEACHER_TERM,
@@ -179,14 +179,17 @@ def tip_opd_advantages(
     step: int,
     teacher_correct: Optional[torch.Tensor] = None,
     answer: Optional[torch.Tensor] = None,
+    answer_record: Optional[AnswerRecord] = None,
 ) -> tuple[torch.Tensor, TipTokens]:
     """verl's `tip_opd` advantages (N, T) and what TIP selected. Inputs (N, T).
 
     step (1-based) seeds the random rules as verl's trainer does, so a resumed run draws the same tokens.
     teacher_correct: (N,) bool, the checker's verdict on the teacher's own answer (teacher_trust=verified).
     answer: (N, T) bool, each response's answer tokens (answer_teacher other than always).
+    answer_record: the run's record of the teacher on accepted answers (answer_teacher=confirm_on_record).
     """
-    with tip_step(TipStep(step_index=step - 1, teacher_correct=teacher_correct, answer=answer)) as bound:
+    bind = TipStep(step_index=step - 1, teacher_correct=teacher_correct, answer=answer, answer_record=answer_record)
+    with tip_step(bind) as bound:
         advantages, _ = get_adv_estimator_fn("tip_opd")(
             token_level_rewards=rewards,
             response_mask=response_mask,
@@ -306,18 +309,21 @@ def answer_tokens(config: LoopConfig, task: Task, rollout: Rollout) -> Optional[
     return answer_span(rollout.responses, rollout.response_mask, marker_ids)
 
 
-def advantages_and_tokens(config: LoopConfig, batch: StepBatch, step: int) -> tuple[torch.Tensor, Optional[TipTokens]]:
-    """The advantages (N, T) verl's policy loss reads, and what TIP selected (None with grpo)."""
+def advantages_and_tokens(
+    config: LoopConfig, batch: StepBatch, step: int, answer_record: AnswerRecord
+) -> tuple[torch.Tensor, Optional[TipTokens]]:
+    """The advantages (N, T) verl's policy loss reads, and what TIP selected (None with grpo). `answer_record`, the
+    run's record of the teacher on accepted answers, is updated with answer_teacher=confirm_on_record."""
     mask = batch.mask
     if config.adv_estimator == "grpo":
         return grpo_advantages(config, batch.rewards, mask, batch.uids), None
     if config.route == "advantage":
         return tip_opd_advantages(
             config, batch.rewards, mask, batch.uids, batch.old_log_prob, batch.teacher_logp, batch.entropy, step,
-            batch.teacher_correct, batch.answer,
+            batch.teacher_correct, batch.answer, answer_record,
         )
     tokens = loss_route_tokens(config, mask, batch.old_log_prob, batch.teacher_logp, batch.entropy, batch.exact_kl, step)
-    gate_answer(tokens, config.tip, batch.answer, batch.scores, batch.teacher_logp)
+    gate_answer(tokens, config.tip, batch.answer, batch.scores, batch.teacher_logp, record=answer_record)
     if config.tip.teacher_trust != "always":
         tokens.trust = teacher_trust(
             batch.scores, batch.uids, batch.teacher_logp, mask, config.tip.endorse_prob, config.tip.correct_threshold,
@@ -403,8 +409,11 @@ def train_step(
     problem_rng: random.Random,
     actor: ActorConfig,
     step: int,
+    answer_record: Optional[AnswerRecord] = None,
 ) -> tuple[dict, dict]:
-    """One on-policy step (`step`, 1-based). Returns its metrics and the per-token tensors of the batch."""
+    """One on-policy step (`step`, 1-based). Returns its metrics and the per-token tensors of the batch.
+    `answer_record` carries the teacher's record on accepted answers across steps (a fresh one if None)."""
+    answer_record = AnswerRecord() if answer_record is None else answer_record
     timer, temperature = PhaseTimer(), config.temperature
     problems = [task.sample(problem_rng) for _ in range(config.prompts_per_step)]
     with timer("rollout"):
@@ -435,7 +444,7 @@ def train_step(
         batch = StepBatch(rollout, scores, rewards, uids, teacher_hidden, teacher_logp, teacher_correct, answer, hidden,
                           old_log_prob, entropy, exact_kl)
         with timer("advantage"):
-            advantages, tokens = advantages_and_tokens(config, batch, step)
+            advantages, tokens = advantages_and_tokens(config, batch, step, answer_record)
         rows_by_divergence = divergences_by_outcome(config, rewards)
         distilled = distilled_mask(config, mask, tokens, rows_by_divergence)
         trained = policy_loss_mask(config, mask, tokens, distilled)
@@ -493,9 +502,9 @@ def train(
     teacher.eval()
     student.train()
 
-    start = 0
+    start, answer_record = 0, AnswerRecord()
     if resume and (out / CHECKPOINT).exists():
-        start = load_checkpoint(out, student, optimizer, problem_rng)
+        start = load_checkpoint(out, student, optimizer, problem_rng, answer_record)
     else:  # a fresh run in a used folder starts over
         for stale in (out / METRICS, out / CHECKPOINT):
             stale.unlink(missing_ok=True)
@@ -516,7 +525,9 @@ def train(
     step = start
     with stop_on_interrupt() as stop:
         for step in range(start + 1, config.steps + 1):
-            metrics, batch = train_step(config, task, teacher, student, optimizer, problem_rng, actor, step)
+            metrics, batch = train_step(
+                config, task, teacher, student, optimizer, problem_rng, actor, step, answer_record
+            )
             if step == config.dump_batch_at:
                 torch.save(batch, out / f"batch_step{step}.pt")
             if step % config.eval_every == 0 or step == config.steps:
@@ -527,7 +538,7 @@ def train(
             metrics["mem/max_rss_mb"] = max_rss_mb()
             write({"step": step, **metrics})
             if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
-                save_checkpoint(out, step, student, optimizer, problem_rng, config.to_dict())
+                save_checkpoint(out, step, student, optimizer, problem_rng, config.to_dict(), answer_record)
             if stop.requested:
                 return "interrupted"
     return "completed"

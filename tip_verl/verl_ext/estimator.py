@@ -71,7 +71,7 @@ def compute_tip_opd_advantage(
         generator=selection_generator(tip_config.seed, step.step_index if step is not None else None),
     )
     gate_answer(tokens, tip_config, step.answer if step is not None else None, token_level_rewards.sum(dim=-1),
-                teacher_logprobs)
+                teacher_logprobs, record=step.answer_record if step is not None else None)
     outcome_advantages, _ = compute_grpo_outcome_advantage(
         token_level_rewards=token_level_rewards,
         response_mask=response_mask,

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 from tip_verl.core.advantages import TipTokens
+from tip_verl.core.answer_gate import AnswerRecord
 
 
 @dataclass
@@ -26,6 +27,8 @@ class TipStep:
         prompt, for teacher_trust=verified (the demo loop binds it; verl's trainer has no teacher answers).
     answer: (batch, response_length) bool, each response's tokens after algorithm.tip.answer_marker, for
         answer_teacher other than always (core.answer_gate.answer_span).
+    answer_record: the run's record of the teacher on accepted answers, for answer_teacher=confirm_on_record
+        (the trainer holds it across steps and checkpoints it).
     """
 
     step_index: Optional[int] = None
@@ -34,6 +37,7 @@ class TipStep:
     entropy: Optional[torch.Tensor] = None
     teacher_correct: Optional[torch.Tensor] = None
     answer: Optional[torch.Tensor] = None
+    answer_record: Optional[AnswerRecord] = None
     tokens: Optional[TipTokens] = None
 
 
