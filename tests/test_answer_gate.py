@@ -11,7 +11,7 @@ import torch
 from test_estimator import GRPO, MASK, OLD, R, run
 from test_local_loop import SMOKE, _copy, task_and_models  # noqa: F401  (fixture)
 
-from tip_verl.core.answer_gate import answer_gate, answer_span
+from tip_verl.core.answer_gate import AnswerRecord, answer_gate, answer_span
 from tip_verl.core.config import TipConfig
 from tip_verl.local.loop import actor_config, train_step
 from tip_verl.verl_ext.step_context import TipStep, tip_step
@@ -70,6 +70,28 @@ def test_without_evidence_against_the_teacher_confirm_on_evidence_leaves_tip_unc
     assert always.apply(TIP_SELECTED).tolist() == [[True, True, True], [True, False, False]]
 
 
+def test_the_record_counts_accepted_answers_and_acts_while_the_teacher_refutes_too_many():
+    record = AnswerRecord()
+    with pytest.raises(ValueError, match="confirm_on_record keeps the teacher's record over the run"):
+        answer_gate("confirm_on_record", ANSWER, SCORES, TEACHER_LOGP, endorse_prob=0.5)
+    nothing_accepted = answer_gate("confirm_on_record", ANSWER, torch.zeros(2), TEACHER_LOGP, 0.5, record=record,
+                                   tolerance=0.6)
+    assert record.state_dict() == {"accepted": 0, "refuted": 0} and nothing_accepted.active  # unproven: gated
+    # step 1: rollout 0 is accepted and its second answer token refuted: 1 of 1 refuted
+    first = answer_gate("confirm_on_record", ANSWER, SCORES, TEACHER_LOGP, 0.5, record=record, tolerance=0.6)
+    assert record.state_dict() == {"accepted": 1, "refuted": 1} and first.active
+    assert first.apply(TIP_SELECTED).tolist() == [[True, True, False], [True, False, False]]  # as confirm
+    # step 2: both accepted, the teacher writes every answer token: 1 of 3 refuted, within the tolerance
+    second = answer_gate("confirm_on_record", ANSWER, torch.ones(2), torch.zeros(2, 3), 0.5, record=record,
+                         tolerance=0.6)
+    assert record.state_dict() == {"accepted": 3, "refuted": 1} and not second.active
+    assert second.apply(TIP_SELECTED).tolist() == TIP_SELECTED.tolist()
+    assert second.metrics()["tip/answer/record_refuted_share"] == pytest.approx(1 / 3)
+    restored = AnswerRecord()
+    restored.load_state_dict(record.state_dict())
+    assert restored == record
+
+
 def expected_advantages(selected_cells, coef=0.5):
     """mix=replace by hand: coef * r_t on the selected cells, verl's GRPO advantage elsewhere (test_estimator)."""
     out = GRPO.clone()
@@ -93,15 +115,23 @@ def test_tip_opd_gives_the_gated_answer_tokens_verls_grpo_advantage():
         run("replace", answer_teacher="confirm", answer_marker="####")
 
 
-def test_the_demo_loop_gates_the_answer_in_the_same_way(task_and_models):
+@pytest.mark.parametrize("mode", ["confirm", "confirm_on_record"])
+def test_the_demo_loop_gates_the_answer_in_the_same_way(task_and_models, mode):
     task, teacher, student = task_and_models
-    tip = TipConfig(rule="soft_or", ratio=0.5, mix="replace", answer_teacher="confirm", answer_marker=";")
+    # tolerance 0: the record gates on any refuted answer, and before any is accepted
+    tip = TipConfig(rule="soft_or", ratio=0.5, mix="replace", answer_teacher=mode, answer_marker=";",
+                    answer_tolerance=0.0)
     config = dataclasses.replace(SMOKE, route="loss", tip=tip)
     student = _copy(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr)
-    metrics, per_token = train_step(config, task, teacher, student, optimizer, random.Random(0), actor_config(config), 1)
+    record = AnswerRecord(accepted=10, refuted=5)
+    metrics, per_token = train_step(config, task, teacher, student, optimizer, random.Random(0), actor_config(config), 1,
+                                    record)
     answer, selected = per_token["answer"], per_token["selected"]
     assert answer.any() and metrics["tip/answer/gated"] == 1.0 and metrics["tip/answer/found_fraction"] > 0.9
+    if mode == "confirm_on_record":  # the run's record grew by this step's accepted answers
+        assert record.accepted >= 10 and record.refuted >= 5
+        assert metrics["tip/answer/record_refuted_share"] == record.refuted_share()
     # every answer token left with the teacher is one the teacher would write itself
     assert (per_token["teacher_logprobs"][selected & answer] >= math.log(0.5)).all()
     assert (selected & ~answer).any()  # the reasoning is still distilled
@@ -114,6 +144,7 @@ def test_the_demo_loop_gates_the_answer_in_the_same_way(task_and_models):
         ({"answer_teacher": "confirm", "answer_marker": "####", "mix": "teacher_only"}, "set algorithm.tip.mix=replace"),
         ({"answer_teacher": "sometimes"}, "answer_teacher='sometimes' is not known"),
         ({"answer_marker": ""}, "answer_marker='': must be null or a non-empty string"),
+        ({"answer_tolerance": 1.0}, "answer_tolerance=1.0: must be in \\[0, 1\\)"),
     ],
 )
 def test_answer_settings_that_cannot_work_name_the_key(tip, match):
@@ -121,16 +152,26 @@ def test_answer_settings_that_cannot_work_name_the_key(tip, match):
         TipConfig(**tip)
 
 
-def test_the_answer_teacher_is_refused_at_start_up_off_the_advantage_route():
+def test_the_answer_teacher_is_refused_at_start_up_where_it_cannot_act():
     from tip_verl.verl_ext.checks import check_answer_teacher
 
     gated = {"answer_teacher": "confirm_on_evidence", "answer_marker": "####"}
-    check_answer_teacher({"algorithm": {"adv_estimator": "tip_opd", "tip": gated}})
-    check_answer_teacher({"algorithm": {"adv_estimator": "grpo", "tip": {}}})
-    with pytest.raises(ValueError, match="answer_teacher=confirm_on_evidence .* set algorithm.adv_estimator=tip_opd"):
-        check_answer_teacher({"algorithm": {"adv_estimator": "grpo", "tip": gated}})
+
+    def config(adv_estimator, tip, loss_mode=None):
+        distillation = {"enabled": loss_mode is not None, "distillation_loss": {"loss_mode": loss_mode}}
+        return {"algorithm": {"adv_estimator": adv_estimator, "tip": tip}, "distillation": distillation}
+
+    check_answer_teacher(config("tip_opd", gated))  # the advantage route
+    check_answer_teacher(config("grpo", gated, "tip_k3"))  # the loss route
+    check_answer_teacher(config("grpo", {}))
+    with pytest.raises(ValueError, match="answer_teacher=confirm_on_evidence .* loss_mode=None: set algorithm.adv"):
+        check_answer_teacher(config("grpo", gated))
+    with pytest.raises(ValueError, match="loss_mode=k3: set"):  # verl's own loss does not select
+        check_answer_teacher(config("grpo", gated, "k3"))
     with pytest.raises(ValueError, match="with algorithm.tip.preselect=true"):
-        check_answer_teacher({"algorithm": {"adv_estimator": "tip_opd", "tip": {**gated, "preselect": True}}})
+        check_answer_teacher(config("tip_opd", {**gated, "preselect": True}))
+    with pytest.raises(ValueError, match="loss_mode=tip_forward_kl_topk makes the teacher return its top-k only"):
+        check_answer_teacher(config("grpo", gated, "tip_forward_kl_topk"))
 
 
 def test_the_trainer_reads_the_marker_as_the_tokenizers_ids():

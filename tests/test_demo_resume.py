@@ -12,10 +12,13 @@ import torch
 from matplotlib.axes import Axes
 
 from tip_verl.cli import main
+from tip_verl.core.answer_gate import AnswerRecord
 from tip_verl.core.config import TipConfig
 from tip_verl.core.scores import masked_quantile, quadrant_labels
 from tip_verl.local.assets import load_role
-from tip_verl.local.checkpoint import checkpoint_step, read_metrics, save_checkpoint, truncate_metrics
+from tip_verl.local.checkpoint import (
+    checkpoint_step, load_checkpoint, read_metrics, save_checkpoint, truncate_metrics,
+)
 from tip_verl.local.loop import LoopConfig, train
 from tip_verl.local.plots import quadrant_map, quadrant_thresholds
 from tip_verl.local.progress import BarProgress, LineProgress
@@ -207,3 +210,13 @@ def test_quadrant_map_draws_the_thresholds_the_labels_used(tip, tmp_path, monkey
     assert drawn["x"] == pytest.approx([expected_h]) and drawn["y"] == pytest.approx([expected_d])
     assert drawn["ylabel"][0].startswith(f"divergence D ({tip.divergence} estimate")
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_the_checkpoint_keeps_the_teachers_record_on_answers(tmp_path):
+    student = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(student.parameters())
+    write_metrics(tmp_path / "metrics.jsonl", range(4))
+    save_checkpoint(tmp_path, 3, student, optimizer, random.Random(0), {}, AnswerRecord(accepted=40, refuted=7))
+    restored = AnswerRecord()
+    assert load_checkpoint(tmp_path, student, optimizer, random.Random(1), restored) == 3
+    assert restored == AnswerRecord(accepted=40, refuted=7)

@@ -25,7 +25,7 @@ from tip_verl.core.distill_losses import (
 )
 from tip_verl.core.schedule import teacher_coef_multiplier
 from tip_verl.core.selection import SelectionInputs, select_tokens
-from tip_verl.verl_ext.losses import SETTINGS_KEY, check_loss_route, loss_route_settings
+from tip_verl.verl_ext.losses import ANSWER_FIELDS, SETTINGS_KEY, check_loss_route, loss_route_settings
 
 PROMPT_LENS = [3, 2, 4]
 RESP_LENS = [5, 2, 4]
@@ -430,3 +430,25 @@ def test_a_micro_batch_with_one_or_tied_eligible_tokens_still_selects(rule):
         entropy = torch.full((2, 4), 3.3)
         selected = tip_loss_mask(rule, 0.5, eligible, losses, entropy, 0.98)
         assert selected.tolist() == [[False, True, False, False], [True, False, False, False]]
+
+
+def test_the_answer_gate_from_the_trainer_drops_the_handed_tokens_but_those_the_teacher_keeps():
+    # rule divergence 50%: TIP picks (0, 0), (0, 2), (1, 0), (2, 1), (2, 3), each rollout's top floor(m/2) k3
+    # tokens; the trainer hands the checker the last three tokens of rollout 0 and the last two of rollout 2,
+    # and the teacher keeps (2, 2), which TIP did not pick: (0, 2) and (2, 3) go, (2, 2) comes in
+    tip = {"rule": "divergence", "ratio": 0.5, "answer_teacher": "confirm", "answer_marker": "####"}
+    handed = [[0, 0, 1, 1, 1], [0, 0], [0, 0, 1, 1]]
+    kept = [[0, 0, 0, 0, 0], [0, 0], [0, 0, 1, 0]]
+    fields = {name: nested([torch.tensor(row, dtype=torch.bool) for row in rows])
+              for name, rows in zip(ANSWER_FIELDS, (handed, kept))}
+    output, leaf = student_output()
+    loss, _ = run("tip_k3", tip, output=output, data=micro_batch(tip, **fields))
+    k3 = [[k3_loop(i, t) for t in range(m)] for i, m in enumerate(RESP_LENS)]
+    assert top_by_value(k3, 0.5) == [(0, 0), (0, 2), (1, 0), (2, 3), (2, 1)]
+    chosen = {(0, 0), (1, 0), (2, 1), (2, 2)}
+    expected = sum(k3[i][t] for i, t in chosen) / len(chosen)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    loss.backward()  # the gradient reaches exactly the tokens left with the teacher
+    assert {tuple(index) for index in torch.nonzero(leaf.grad).tolist()} == chosen
+    with pytest.raises(ValueError, match=r"answer gate from the micro-batch fields \['tip_answer_handed'"):
+        run("tip_k3", tip, output=student_output()[0], data=micro_batch(tip))

@@ -7,9 +7,10 @@ replicas) and vLLM teacher on vLLM's CPU build, ``tip_opd`` + ``tip_sync``) and 
    agree at both steps (the rollout engine starts from random weights, ``load_format=dummy``: the weights it
    samples with at step 1 came from verl's first sync, those of step 2 from the sync after the first update),
    and the run removed the ``/dev/shm`` segments its vLLM processes left;
-2. resume from that checkpoint for a 3rd step, with the answer gate (``algorithm.tip.answer_teacher=confirm``)
-   and the rollout dump on: the trainer finds the answers after the marker in the responses, and the teacher
-   keeps no answer token it would not write itself;
+2. resume from that checkpoint for a 3rd step, with the answer gate on the teacher's record
+   (``algorithm.tip.answer_teacher=confirm_on_record``, a record planted in the checkpoint) and the rollout dump
+   on: the trainer restores the record, finds the answers after the marker in the responses, adds the step's
+   accepted answers to the record it saves, and the teacher keeps no answer token it would not write itself;
 3. twice with verl patched to compute logits only at the selected tokens (``SELECTED_ONLY_RUNS``).
 
 About 12-15 minutes on 2 (shared) cores; those tests are marked ``e2e`` (select or skip with ``-m e2e`` /
@@ -30,6 +31,7 @@ from tiny_runs import SYNCED_MAX_DIFF, by_step, run_tiny
 from verl_patching import apply_to_copy_of_installed_verl
 
 from tip_verl.cpu import shm, vllm_cpu
+from tip_verl.verl_ext.trainer import ANSWER_RECORD_FILE
 
 TIP_RATIO = 0.5
 BACKEND_PATCH = "verl-0.9.1-cpu-process-group-backend.diff"
@@ -62,6 +64,8 @@ def test_steps_complete_with_checkpoints(synced_run):
     assert sorted(steps) == [1, 2]
     assert (out_dir / "checkpoints" / "global_step_2" / "actor").is_dir()
     assert (out_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    record = json.loads((out_dir / "checkpoints" / "global_step_2" / ANSWER_RECORD_FILE).read_text())
+    assert record == {"accepted": 0, "refuted": 0}, "answer_teacher=always keeps no record"
     for metrics in steps.values():
         assert metrics["actor/grad_norm"] > 0.0, "the policy must change every step (teacher signal)"
 
@@ -97,13 +101,15 @@ def test_run_removes_its_shared_memory_segments(synced_run):
 @pytest.mark.e2e
 def test_resume_from_checkpoint_with_the_answer_gate(synced_run, tiny_dir):
     out_dir, _ = synced_run
+    planted = {"accepted": 1000, "refuted": 900}  # a teacher caught refuting 90% of the accepted answers
+    (out_dir / "checkpoints" / "global_step_2" / ANSWER_RECORD_FILE).write_text(json.dumps(planted))
     records = run_tiny(
         tiny_dir,
         out_dir,
         out_dir / "resumed.jsonl",
         "trainer.total_training_steps=3",
         f"trainer.rollout_data_dir={out_dir / 'rollouts'}",
-        "+algorithm.tip.answer_teacher=confirm",
+        "+algorithm.tip.answer_teacher=confirm_on_record",
         "+algorithm.tip.answer_marker='='",  # a word of the tiny vocabulary, sampled now and then
     )
     assert [record["step"] for record in records] == [3], "must resume after step 2, not start over"
@@ -113,12 +119,19 @@ def test_resume_from_checkpoint_with_the_answer_gate(synced_run, tiny_dir):
     rollouts = [json.loads(line) for line in (out_dir / "rollouts" / "3.jsonl").read_text().splitlines() if line]
     assert metrics["tip/answer/found_fraction"] == pytest.approx(
         sum(any(r["tip_answer"]) for r in rollouts) / len(rollouts))
+    accepted = refuted = 0
     for rollout in rollouts:
         assert "=" in rollout["output"] or not rollout["tip_answer_tokens"], "an answer only after the marker"
-        for answer, selected, reward, old in zip(rollout["tip_answer"], rollout["tip_selected"],
-                                                 rollout["tip_teacher_reward"], rollout["tip_old_log_prob"]):
+        teacher_logp = [reward + old for reward, old in zip(rollout["tip_teacher_reward"], rollout["tip_old_log_prob"])]
+        for answer, selected, logp in zip(rollout["tip_answer"], rollout["tip_selected"], teacher_logp):
             if answer and selected:  # kept for the teacher: an accepted rollout's token the teacher would write
-                assert rollout["score"] > 0 and reward + old >= math.log(0.5) - 1e-6
+                assert rollout["score"] > 0 and logp >= math.log(0.5) - 1e-6
+        if rollout["score"] > 0 and any(rollout["tip_answer"]):
+            accepted += 1
+            refuted += any(a and logp < math.log(0.5) for a, logp in zip(rollout["tip_answer"], teacher_logp))
+    saved = json.loads((out_dir / "checkpoints" / "global_step_3" / ANSWER_RECORD_FILE).read_text())
+    assert saved == {"accepted": 1000 + accepted, "refuted": 900 + refuted}, "restored, then this step's answers added"
+    assert metrics["tip/answer/record_refuted_share"] == pytest.approx((900 + refuted) / (1000 + accepted))
 
 
 SELECTED_PATCH = "verl-0.9.1-tip-selected-logprobs.patch"

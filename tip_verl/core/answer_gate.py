@@ -105,9 +105,15 @@ class AnswerGate:
     def apply(self, selected: torch.Tensor) -> torch.Tensor:
         """TIP's selection (B, T) bool with the answer handed to the checker: only the confirmed answer tokens
         keep the teacher; the selection unchanged when the gate is not active."""
+        return hand_answer_to_checker(selected, *self.handed())
+
+    def handed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer tokens the checker decides this step and those of them the teacher keeps, (B, T) bool each;
+        none when the gate is not active. verl's loss route sends them to the actor, where TIP selects."""
         if not self.active:
-            return selected
-        return (selected.bool() & ~self.answer) | self.confirmed
+            none = torch.zeros_like(self.answer)
+            return none, none
+        return self.answer, self.confirmed
 
     def metrics(self) -> dict[str, float]:
         """`tip/answer/...`: whether the gate acted, the share of rollouts with an answer (the marker found), and
@@ -121,6 +127,12 @@ class AnswerGate:
             "tip/answer/confirmed_fraction": int(self.confirmed.sum()) / n_answer,
             "tip/answer/refuted_fraction": int(self.refuted.sum()) / n_answer,
         }
+
+
+def hand_answer_to_checker(selected: torch.Tensor, handed: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """TIP's selection (B, T) bool where the checker decides the `handed` tokens: of them the teacher keeps only
+    `kept` (selected by TIP or not), the others go to the outcome advantage (AnswerGate.handed gives both)."""
+    return (selected.bool() & ~handed.bool()) | kept.bool()
 
 
 def answer_gate(

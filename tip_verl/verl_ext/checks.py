@@ -123,20 +123,32 @@ def check_teacher_trust(config: Any) -> None:
 
 
 def check_answer_teacher(config: Any) -> None:
-    """Refuse `algorithm.tip.answer_teacher` other than always where it would not act: it hands answer tokens to
-    the outcome advantage inside the tip_opd estimator (the trainer finds the answers), so it needs
-    algorithm.adv_estimator=tip_opd, without preselect."""
+    """Refuse `algorithm.tip.answer_teacher` other than always where it would not act. The tip_sync trainer finds
+    the answers and judges the teacher on them; the gate then acts inside the tip_opd estimator (the advantage
+    route) or inside a sampled-token tip_* loss (the loss route, from the rollout-time teacher log-prob of each
+    sampled token, which a top-k teacher may not return). Not with preselect: verl's own loss would then train
+    no signal at all on the answer tokens taken from the teacher."""
     algorithm = config["algorithm"]
     tip = TipConfig.from_any(algorithm.get("tip"))
     if tip.answer_teacher == "always":
         return
-    if algorithm.get("adv_estimator") != TIP_OPD or tip.preselect:
+    setting = f"algorithm.tip.answer_teacher={tip.answer_teacher}"
+    loss_mode = config_value(config, "distillation.distillation_loss.loss_mode", "") or ""
+    tip_loss_route = bool(config_value(config, "distillation.enabled", False)) and loss_mode.startswith(TIP_PREFIX)
+    if tip.preselect or not (algorithm.get("adv_estimator") == TIP_OPD or tip_loss_route):
         raise ValueError(
-            f"algorithm.tip.answer_teacher={tip.answer_teacher} gates the teacher on the answer inside the tip_opd "
-            f"estimator, but algorithm.adv_estimator={algorithm.get('adv_estimator')}"
+            f"{setting} gates the teacher on the answer inside the tip_opd estimator or a tip_* distillation loss, "
+            f"but algorithm.adv_estimator={algorithm.get('adv_estimator')}, loss_mode={loss_mode or None}"
             f"{' with algorithm.tip.preselect=true' if tip.preselect else ''}: set algorithm.adv_estimator=tip_opd "
-            "(the advantage route) and algorithm.tip.preselect=false, or answer_teacher=always. On verl's loss route "
-            "(loss_mode=tip_*) it is not available yet; the local demo loop runs it on both routes."
+            "(the advantage route) or distillation.distillation_loss.loss_mode=tip_k3 (the loss route), with "
+            "algorithm.tip.preselect=false, or answer_teacher=always."
+        )
+    if algorithm.get("adv_estimator") != TIP_OPD and get_distillation_loss_settings(loss_mode).use_topk:
+        raise ValueError(
+            f"{setting} judges the teacher on each sampled answer token, but distillation.distillation_loss."
+            f"loss_mode={loss_mode} makes the teacher return its top-k only (verl's vLLM and SGLang teachers drop "
+            "the sampled token beyond it): set a sampled-token loss_mode (tip_k3, tip_low_var_kl, ...), the "
+            "advantage route (algorithm.adv_estimator=tip_opd), or answer_teacher=always."
         )
 
 

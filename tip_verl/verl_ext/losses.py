@@ -47,6 +47,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
+from tip_verl.core.answer_gate import hand_answer_to_checker
 from tip_verl.core.config import TipConfig, config_value
 from tip_verl.core.distill_losses import (
     DIVERGENCES,
@@ -68,6 +69,9 @@ from tip_verl.verl_ext.rng import selection_generator
 
 TIP_PREFIX = "tip_"
 SETTINGS_KEY = "tip_loss_route"
+# With algorithm.tip.answer_teacher, the tip_sync trainer's answer gate per response token (core.answer_gate,
+# AnswerGate.handed): the answer tokens the checker decides, and those of them the teacher keeps.
+ANSWER_FIELDS = ("tip_answer_handed", "tip_answer_kept")
 
 
 def verl_kl_penalty(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -216,6 +220,21 @@ def _rollout_scores(data: TensorDict, field: str, response_mask: torch.Tensor) -
     return scores.reshape(scores.shape[0], -1)
 
 
+def _answer_gate_fields(tip: TipConfig, data: TensorDict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """With algorithm.tip.answer_teacher, the trainer's ANSWER_FIELDS of the micro-batch, padded (bsz, T) bool."""
+    if tip.answer_teacher == "always":
+        return None
+    missing = [name for name in ANSWER_FIELDS if name not in data.keys()]
+    if missing:
+        raise ValueError(
+            f"algorithm.tip.answer_teacher={tip.answer_teacher} on the loss route reads the answer gate from the "
+            f"micro-batch fields {missing}, which are not there: use trainer.v1.trainer_mode=tip_sync, whose trainer "
+            "judges the answers and sends them with each actor update."
+        )
+    handed, kept = (data[name] for name in ANSWER_FIELDS)
+    return tuple((mask.to_padded_tensor(0) if mask.is_nested else mask).bool() for mask in (handed, kept))
+
+
 def token_share(count: int, data: TensorDict) -> Metric:
     """`count` tokens of this micro-batch as a metric that verl reduces to their share of the mini-batch's response
     tokens, over all micro-batches and data-parallel ranks.
@@ -246,6 +265,8 @@ def apply_tip(
     data: the micro-batch; own_divergence: the loss_mode's divergence, what rollouts get unless split by outcome;
     divergence(name): (bsz, response_length) per-token losses of the divergence `name`;
     gate: bool (bsz, response_length) tokens allowed in, or None.
+    With algorithm.tip.answer_teacher, the checker then decides the answer tokens (ANSWER_FIELDS, sent by the
+    tip_sync trainer): of them only those the teacher confirms keep the divergence.
     Returns weighted per-token losses (bsz, response_length) for verl's aggregation, and metrics.
     """
     tip, tip_loss, step = settings
@@ -277,6 +298,9 @@ def apply_tip(
         generator,
         divergence_quantile=tip.divergence_quantile,
     )
+    answer_gate = _answer_gate_fields(tip, data)
+    if answer_gate is not None:  # the checker decides the answer, as in tip_opd
+        selected = hand_answer_to_checker(selected, *answer_gate) & response_mask
     multiplier = teacher_coef_multiplier(
         step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
     )

@@ -19,6 +19,9 @@ What would fail or be wrong at step 1 is refused when the trainer starts (`tip_v
 
 With `trainer.rollout_data_dir` set, verl's rollout dump gets TIP's per-rollout columns (`rollout_columns`).
 
+With `algorithm.tip.answer_teacher=confirm_on_record` the trainer holds the teacher's record on accepted answers
+across steps and saves it beside verl's checkpoint (`ANSWER_RECORD_FILE` in each global_step folder).
+
 verl's trainer_base compares `trainer_mode` with the string "sync" in several places (replay buffer,
 dataloader refill, checkpoints, in-flight prompts); a subclass registered under another name would
 silently run those as an async trainer. `trainer_mode` is therefore pinned to "sync" here, and settings
@@ -27,7 +30,9 @@ under `trainer.v1.sync` apply as for the stock sync trainer.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -38,12 +43,12 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from tip_verl.core.advantages import select_and_reward
-from tip_verl.core.answer_gate import answer_span
+from tip_verl.core.answer_gate import AnswerRecord, answer_gate, answer_span
 from tip_verl.core.config import TipConfig
 from tip_verl.core.metrics import rollout_columns, tip_metrics
 from tip_verl.verl_ext.checks import bypass_mode, check_startup, updates_selected_only
 from tip_verl.verl_ext.estimator import TIP_OPD
-from tip_verl.verl_ext.losses import loss_route_settings
+from tip_verl.verl_ext.losses import ANSWER_FIELDS, loss_route_settings
 from tip_verl.verl_ext.rng import selection_generator
 from tip_verl.verl_ext.step_context import TipStep, tip_step
 
@@ -53,6 +58,7 @@ TIP_TRAINER_MODE = "tip_sync"
 TIP_SELECTED = "tip_selected"
 LOSS_MASKS = ("response_mask", "loss_mask")
 RESTORED_MASK = "response_mask"
+ANSWER_RECORD_FILE = "tip_answer_record.json"
 
 
 def sampled_token_teacher_logprobs(teacher_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,14 @@ def answer_marker_ids(tokenizer, marker: Optional[str]) -> Optional[list[int]]:
     if not ids:
         raise ValueError(f"algorithm.tip.answer_marker={marker!r} tokenizes to no token: set another marker.")
     return list(ids)
+
+
+def checkpoint_folder(trainer_config, global_steps: int, resuming: bool = False) -> str:
+    """The global_step folder verl's trainer saves step `global_steps` to, under trainer.default_local_dir, or,
+    `resuming`, the one it resumed from: trainer.resume_from_path with resume_mode=resume_path."""
+    if resuming and trainer_config.resume_mode == "resume_path":
+        return trainer_config.resume_from_path
+    return os.path.join(trainer_config.default_local_dir, f"global_step_{global_steps}")
 
 
 def student_input_fields(config) -> list[str]:
@@ -145,6 +159,7 @@ class TipSyncTrainer(PPOTrainerSync):
         self._selected: Optional[torch.Tensor] = None  # this step's selection, from the advantage to the update
         self.dumps_rollouts = bool(config.trainer.get("rollout_data_dir"))
         self._rollout_columns: Optional[dict[str, dict]] = None  # this step's TIP columns of the rollout dump
+        self._answer_record = AnswerRecord()  # answer_teacher=confirm_on_record: the teacher's record over the run
         super().__init__(config)
 
     @property
@@ -161,12 +176,16 @@ class TipSyncTrainer(PPOTrainerSync):
         estimator_selects = self.config.algorithm.adv_estimator == TIP_OPD
         if not (estimator_selects or tip.preselect):
             batch = super()._compute_advantage(batch, metrics)
+            answer = None
+            if tip.answer_teacher != "always":
+                batch, answer = self._hand_answers_to_the_loss(batch, tip, metrics)
             if self.dumps_rollouts:  # the loss route selects in the actor: the student's inputs only
                 fields = student_input_fields(self.config)
                 data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
                 inputs = padded_tip_inputs(data)
                 columns = rollout_columns(
-                    padded_bool(data["response_mask"]), old_log_prob=inputs["old_log_probs"], entropy=inputs["entropy"]
+                    padded_bool(data["response_mask"]), answer=answer, old_log_prob=inputs["old_log_probs"],
+                    entropy=inputs["entropy"],
                 )
                 self._rollout_columns = dict(zip(batch.keys, columns))
             return batch
@@ -177,7 +196,8 @@ class TipSyncTrainer(PPOTrainerSync):
         if tip.answer_teacher != "always":
             marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
             answer = answer_span(data["responses"].to_padded_tensor(0), response_mask, marker_ids)
-        step = TipStep(step_index=self.global_steps - 1, answer=answer, **padded_tip_inputs(data))
+        step = TipStep(step_index=self.global_steps - 1, answer=answer, answer_record=self._answer_record,
+                       **padded_tip_inputs(data))
         with tip_step(step):
             batch = super()._compute_advantage(batch, metrics)
         if not estimator_selects:  # preselect: verl's own estimator and loss, TIP's choice of tokens
@@ -203,6 +223,50 @@ class TipSyncTrainer(PPOTrainerSync):
             )
             self._rollout_columns = dict(zip(batch.keys, columns))
         return batch
+
+    def _hand_answers_to_the_loss(self, batch, tip: TipConfig, metrics: dict):
+        """The loss route with algorithm.tip.answer_teacher: judge the teacher on this step's answers (the checker's
+        scores, the rollout-time teacher log-probs, the run's record) and put the answer tokens the checker
+        decides and those the teacher keeps in the batch (ANSWER_FIELDS), where the tip_* loss applies them to
+        its selection as tip_opd does. Returns the batch's metadata with them, and the answer tokens (bs, T)."""
+        fields = ["response_mask", "responses", "teacher_logprobs", "rm_scores"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        nested_mask = data["response_mask"]
+        response_mask = padded_bool(nested_mask)
+        marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
+        answer = answer_span(data["responses"].to_padded_tensor(0), response_mask, marker_ids)
+        gate = answer_gate(
+            tip.answer_teacher,
+            answer,
+            data["rm_scores"].to_padded_tensor(0.0).sum(dim=-1),
+            sampled_token_teacher_logprobs(data["teacher_logprobs"], nested_mask),
+            tip.endorse_prob,
+            tip.correct_threshold,
+            record=self._answer_record,
+            tolerance=tip.answer_tolerance,
+        )
+        metrics.update(gate.metrics())
+        handed = {name: response_to_nested(mask, nested_mask) for name, mask in zip(ANSWER_FIELDS, gate.handed())}
+        batch = tq.kv_batch_put(
+            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(handed, batch_size=len(batch))
+        )
+        return batch, answer
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        with open(os.path.join(checkpoint_folder(self.config.trainer, self.global_steps), ANSWER_RECORD_FILE), "w") as f:
+            json.dump(self._answer_record.state_dict(), f)
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps == 0:
+            return
+        path = os.path.join(checkpoint_folder(self.config.trainer, self.global_steps, resuming=True), ANSWER_RECORD_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                self._answer_record.load_state_dict(json.load(f))
+        elif TipConfig.from_any(self.config.algorithm).answer_teacher == "confirm_on_record":
+            logger.warning("No %s beside the checkpoint: the teacher's record on answers starts over.", path)
 
     def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
         """verl's rollout dump (trainer.rollout_data_dir), each rollout's record with TIP's columns added
