@@ -157,8 +157,9 @@ def test_the_answer_teacher_is_refused_at_start_up_where_it_cannot_act():
 
     gated = {"answer_teacher": "confirm_on_evidence", "answer_marker": "####"}
 
-    def config(adv_estimator, tip, loss_mode=None):
-        distillation = {"enabled": loss_mode is not None, "distillation_loss": {"loss_mode": loss_mode}}
+    def config(adv_estimator, tip, loss_mode=None, use_task_rewards=True):
+        loss = {"loss_mode": loss_mode, "use_task_rewards": use_task_rewards}
+        distillation = {"enabled": loss_mode is not None, "distillation_loss": loss}
         return {"algorithm": {"adv_estimator": adv_estimator, "tip": tip}, "distillation": distillation}
 
     check_answer_teacher(config("tip_opd", gated))  # the advantage route
@@ -172,6 +173,9 @@ def test_the_answer_teacher_is_refused_at_start_up_where_it_cannot_act():
         check_answer_teacher(config("tip_opd", {**gated, "preselect": True}))
     with pytest.raises(ValueError, match="loss_mode=tip_forward_kl_topk makes the teacher return its top-k only"):
         check_answer_teacher(config("grpo", gated, "tip_forward_kl_topk"))
+    with pytest.raises(ValueError, match="(?s)GRPO loss, which distillation.distillation_loss.use_task_rewards=false"):
+        check_answer_teacher(config("grpo", gated, "tip_k3", use_task_rewards=False))  # pure OPD on the loss route
+    check_answer_teacher(config("tip_opd", gated, "k3", use_task_rewards=False))  # tip_opd: the advantage carries it
 
 
 def test_the_trainer_reads_the_marker_as_the_tokenizers_ids():

@@ -442,7 +442,9 @@ def test_the_answer_gate_from_the_trainer_drops_the_handed_tokens_but_those_the_
     fields = {name: nested([torch.tensor(row, dtype=torch.bool) for row in rows])
               for name, rows in zip(ANSWER_FIELDS, (handed, kept))}
     output, leaf = student_output()
-    loss, _ = run("tip_k3", tip, output=output, data=micro_batch(tip, **fields))
+    loss, metrics = run("tip_k3", tip, output=output, data=micro_batch(tip, **fields))
+    assert metrics["tip_loss/answer_handed_fraction"].aggregate() == pytest.approx(5 / sum(RESP_LENS))
+    assert metrics["tip_loss/answer_kept_fraction"].aggregate() == pytest.approx(1 / sum(RESP_LENS))
     k3 = [[k3_loop(i, t) for t in range(m)] for i, m in enumerate(RESP_LENS)]
     assert top_by_value(k3, 0.5) == [(0, 0), (0, 2), (1, 0), (2, 3), (2, 1)]
     chosen = {(0, 0), (1, 0), (2, 1), (2, 2)}

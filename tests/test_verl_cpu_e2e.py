@@ -11,9 +11,12 @@ replicas) and vLLM teacher on vLLM's CPU build, ``tip_opd`` + ``tip_sync``) and 
    (``algorithm.tip.answer_teacher=confirm_on_record``, a record planted in the checkpoint) and the rollout dump
    on: the trainer restores the record, finds the answers after the marker in the responses, adds the step's
    accepted answers to the record it saves, and the teacher keeps no answer token it would not write itself;
-3. twice with verl patched to compute logits only at the selected tokens (``SELECTED_ONLY_RUNS``).
+3. twice with verl patched to compute logits only at the selected tokens (``SELECTED_ONLY_RUNS``);
+4. one step of the loss route (verl's ``grpo`` with a ``tip_k3`` distillation loss and the task reward) with the
+   answer gate: the trainer judges the answers and the actor's loss receives exactly the answer tokens it handed
+   to the checker.
 
-About 12-15 minutes on 2 (shared) cores; those tests are marked ``e2e`` (select or skip with ``-m e2e`` /
+About 15-18 minutes on 2 (shared) cores; those tests are marked ``e2e`` (select or skip with ``-m e2e`` /
 ``-m "not e2e"``). Fast checks alongside: CPU mode stays off unless asked for and stops at start-up, naming the
 fix, when vLLM's CPU build is missing or a CUDA torchvision would break it; the ``/dev/shm`` cleanup removes the
 segments of its command's processes and no others; the upstream patch applies to the installed verl.
@@ -132,6 +135,42 @@ def test_resume_from_checkpoint_with_the_answer_gate(synced_run, tiny_dir):
     saved = json.loads((out_dir / "checkpoints" / "global_step_3" / ANSWER_RECORD_FILE).read_text())
     assert saved == {"accepted": 1000 + accepted, "refuted": 900 + refuted}, "restored, then this step's answers added"
     assert metrics["tip/answer/record_refuted_share"] == pytest.approx((900 + refuted) / (1000 + accepted))
+
+
+@pytest.mark.e2e
+def test_loss_route_with_the_answer_gate(tiny_dir, tmp_path):
+    records = run_tiny(
+        tiny_dir,
+        tmp_path,
+        tmp_path / "loss_route.jsonl",
+        "trainer.total_training_steps=1",
+        "trainer.save_freq=1",
+        "trainer.test_freq=-1",
+        "trainer.resume_mode=disable",
+        f"trainer.rollout_data_dir={tmp_path / 'rollouts'}",
+        "data.max_response_length=10",  # more responses that hold the marker
+        "trainer.v1.trainer_mode=tip_sync",
+        "distillation.distillation_loss.loss_mode=tip_k3",
+        "distillation.distillation_loss.loss_max_clamp=null",
+        "actor_rollout_ref.actor.calculate_entropy=true",
+        "+algorithm.tip.rule=soft_or",
+        f"+algorithm.tip.ratio={TIP_RATIO}",
+        "+algorithm.tip.answer_teacher=confirm_on_record",
+        "+algorithm.tip.answer_marker='='",
+        script_env={"ALGO": "grpo"},  # run_tiny_cpu.sh's loss-route hybrid: use_task_rewards=true
+    )
+    metrics = by_step(records)[1]
+    assert metrics["tip/answer/gated"] == 1.0, "no accepted answer on record yet: the gate acts"
+    rollouts = [json.loads(line) for line in (tmp_path / "rollouts" / "1.jsonl").read_text().splitlines() if line]
+    answer_tokens = sum(rollout["tip_answer_tokens"] for rollout in rollouts)
+    response_tokens = sum(rollout["tip_response_tokens"] for rollout in rollouts)
+    # One mini-batch and epoch: the loss's share is the step's. Every answer token went to the checker.
+    assert metrics["actor/tip_loss/answer_handed_fraction"] == pytest.approx(answer_tokens / response_tokens)
+    assert 0.0 <= metrics["actor/tip_loss/answer_kept_fraction"] <= metrics["actor/tip_loss/answer_handed_fraction"]
+    assert math.isfinite(metrics["actor/distillation/loss"]) and math.isfinite(metrics["actor/pg_loss"])
+    accepted = sum(rollout["score"] > 0 and rollout["tip_answer_tokens"] > 0 for rollout in rollouts)
+    saved = json.loads((tmp_path / "checkpoints" / "global_step_1" / ANSWER_RECORD_FILE).read_text())
+    assert saved["accepted"] == accepted and 0 <= saved["refuted"] <= accepted
 
 
 SELECTED_PATCH = "verl-0.9.1-tip-selected-logprobs.patch"

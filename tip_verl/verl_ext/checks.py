@@ -126,8 +126,9 @@ def check_answer_teacher(config: Any) -> None:
     """Refuse `algorithm.tip.answer_teacher` other than always where it would not act. The tip_sync trainer finds
     the answers and judges the teacher on them; the gate then acts inside the tip_opd estimator (the advantage
     route) or inside a sampled-token tip_* loss (the loss route, from the rollout-time teacher log-prob of each
-    sampled token, which a top-k teacher may not return). Not with preselect: verl's own loss would then train
-    no signal at all on the answer tokens taken from the teacher."""
+    sampled token, which a top-k teacher may not return), with verl's task-reward loss on (use_task_rewards) for
+    the tokens it takes from the teacher. Not with preselect: verl's own loss would then train no signal at all on
+    the answer tokens taken from the teacher."""
     algorithm = config["algorithm"]
     tip = TipConfig.from_any(algorithm.get("tip"))
     if tip.answer_teacher == "always":
@@ -143,7 +144,15 @@ def check_answer_teacher(config: Any) -> None:
             "(the advantage route) or distillation.distillation_loss.loss_mode=tip_k3 (the loss route), with "
             "algorithm.tip.preselect=false, or answer_teacher=always."
         )
-    if algorithm.get("adv_estimator") != TIP_OPD and get_distillation_loss_settings(loss_mode).use_topk:
+    if algorithm.get("adv_estimator") == TIP_OPD:
+        return
+    if not config_value(config, "distillation.distillation_loss.use_task_rewards", False):
+        raise ValueError(
+            f"{setting} on the loss route takes the teacher off the answer tokens it does not confirm and leaves them "
+            "to the task reward's GRPO loss, which distillation.distillation_loss.use_task_rewards=false turns off "
+            "(those tokens would learn nothing): set use_task_rewards=true, or answer_teacher=always."
+        )
+    if get_distillation_loss_settings(loss_mode).use_topk:
         raise ValueError(
             f"{setting} judges the teacher on each sampled answer token, but distillation.distillation_loss."
             f"loss_mode={loss_mode} makes the teacher return its top-k only (verl's vLLM and SGLang teachers drop "

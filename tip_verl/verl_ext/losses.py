@@ -300,7 +300,10 @@ def apply_tip(
     )
     answer_gate = _answer_gate_fields(tip, data)
     if answer_gate is not None:  # the checker decides the answer, as in tip_opd
-        selected = hand_answer_to_checker(selected, *answer_gate) & response_mask
+        handed, kept = (mask & response_mask for mask in answer_gate)
+        selected = hand_answer_to_checker(selected, handed, kept) & response_mask
+        metrics["tip_loss/answer_handed_fraction"] = token_share(int(handed.sum()), data)
+        metrics["tip_loss/answer_kept_fraction"] = token_share(int(kept.sum()), data)
     multiplier = teacher_coef_multiplier(
         step, tip_loss.schedule, tip_loss.warmup_steps, tip_loss.anneal_steps, tip_loss.final_coef
     )
