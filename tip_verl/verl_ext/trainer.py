@@ -194,8 +194,7 @@ class TipSyncTrainer(PPOTrainerSync):
         response_mask = padded_bool(data["response_mask"])
         answer = None
         if tip.answer_teacher != "always":
-            marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
-            answer = answer_span(data["responses"].to_padded_tensor(0), response_mask, marker_ids)
+            answer = self._answers(data["responses"], response_mask, tip)
         step = TipStep(step_index=self.global_steps - 1, answer=answer, answer_record=self._answer_record,
                        **padded_tip_inputs(data))
         with tip_step(step):
@@ -224,6 +223,11 @@ class TipSyncTrainer(PPOTrainerSync):
             self._rollout_columns = dict(zip(batch.keys, columns))
         return batch
 
+    def _answers(self, responses, response_mask: torch.Tensor, tip: TipConfig) -> torch.Tensor:
+        """The answer tokens (bs, T) bool of the nested `responses`: those after algorithm.tip.answer_marker."""
+        marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
+        return answer_span(responses.to_padded_tensor(0), response_mask, marker_ids)
+
     def _hand_answers_to_the_loss(self, batch, tip: TipConfig, metrics: dict):
         """The loss route with algorithm.tip.answer_teacher: judge the teacher on this step's answers (the checker's
         scores, the rollout-time teacher log-probs, the run's record) and put the answer tokens the checker
@@ -233,8 +237,7 @@ class TipSyncTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         response_mask = padded_bool(nested_mask)
-        marker_ids = answer_marker_ids(self.tokenizer, tip.answer_marker)
-        answer = answer_span(data["responses"].to_padded_tensor(0), response_mask, marker_ids)
+        answer = self._answers(data["responses"], response_mask, tip)
         gate = answer_gate(
             tip.answer_teacher,
             answer,
